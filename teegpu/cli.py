@@ -1,0 +1,81 @@
+"""The `teegpu` command: a thin layer that parses into config dataclasses and calls the API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from teegpu.errors import TeegpuError
+from teegpu.protocol import WIRE_DTYPES
+from teegpu.server.linear_server import DEVICES, ServerConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="teegpu", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the untrusted GPU server (linear layers only)")
+    s.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="tcp://HOST:PORT or ipc:///PATH")
+    s.add_argument("--device", choices=DEVICES, default="auto")
+    s.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32")
+
+    g = sub.add_parser("generate", help="generate text on the trusted side, linears on the server")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--server", help="endpoint of a running server (default: start a private one)")
+    g.add_argument("--local", action="store_true", help="TEE-only baseline: no server, compute everything here")
+    g.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32", help="dtype of the started server")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="device of the started server")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--timeout-ms", type=int, default=60_000, help="deadline of each request")
+    g.add_argument("--offload-attention", action="store_true", help="plaintext Q*K^T and P*V on the server")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return p
+
+
+def run_serve(args) -> int:
+    from teegpu.server.linear_server import serve
+
+    serve(ServerConfig(model=args.model, endpoint=args.endpoint, device=args.device, dtype=args.dtype))
+    return 0
+
+
+def run_generate(args) -> int:
+    from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
+
+    config = EngineConfig(model=args.model, server=args.server, local=args.local, dtype=args.dtype,
+                          device=args.device, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, seed=args.seed)
+    on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    with Engine.open(config) as engine:
+        result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        t, r = result.timings, result.rpc
+        print()
+        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; prefill {t['prefill_ms']:.0f} ms, "
+              f"decode {t['decode_ms_per_token'] or 0:.1f} ms/token; {r.get('calls', 0)} RPCs]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": run_serve, "generate": run_generate}[args.command](args)
+    except TeegpuError as e:
+        print(f"teegpu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The LLaMA forward pass as plain functions on tensors, readable top to bottom.
+
+Every product with a weight matrix goes through `linears`, the one seam: the
+trusted engine installs either local weights or a remote GPU server behind it, and
+this file never knows which (it imports no sockets).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from teegpu.model.config import ModelConfig, RopeConfig
+from teegpu.protocol import Op
+
+
+class Linears(Protocol):
+    def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d_in) times the op's weight of that layer, transposed: (T, d_out)."""
+
+    def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Batched a @ b for --offload-attention (plaintext Q*K^T and P*V)."""
+
+
+@dataclass(slots=True)
+class Norms:
+    """The trusted side's small tensors: embeddings, norms, rotary tables."""
+
+    embed: torch.Tensor
+    attn_norm: list[torch.Tensor]
+    ffn_norm: list[torch.Tensor]
+    final_norm: torch.Tensor
+    cos: torch.Tensor  # (max_positions, head_dim)
+    sin: torch.Tensor
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, indexed by position (gpt-fast style)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int, dtype=torch.float32):
+        shape = (config.num_layers, config.num_kv_heads, max_positions, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_positions = max_positions
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[1]
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary inverse frequencies, with linear or llama3-style scaling as configured."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if freq_factors is not None:  # GGUF stores llama3 scaling as precomputed factors
+        return inv / freq_factors.float()
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        old_ctx = rope.original_max_position_embeddings
+        low_wavelen = old_ctx / rope.low_freq_factor
+        high_wavelen = old_ctx / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_tables(config: ModelConfig, max_positions: int, freq_factors=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = rope_inv_freq(config.rope, config.head_dim, freq_factors)
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    scale = config.rope.attention_factor
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (heads, T, head_dim); cos/sin (T, head_dim). HF's rotate-half layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(start: int, t: int) -> torch.Tensor:
+    """(t, start + t) boolean mask: query i sees keys up to start + i."""
+    keys = torch.arange(start + t)
+    return keys[None, :] <= (start + torch.arange(t))[:, None]
+
+
+def attention(q, k, v, start: int) -> torch.Tensor:
+    """q (H, T, D), k/v (Hkv, S, D) with grouped heads; returns (T, H*D)."""
+    t = q.shape[1]
+    mask = None if t == 1 else causal_mask(start, t)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1).reshape(t, -1)
+
+
+def attention_offloaded(q, k, v, start: int, linears: Linears, layer: int) -> torch.Tensor:
+    """The seed's attention: Q*K^T and P*V on the server, softmax and mask here."""
+    h, t, d = q.shape
+    group = h // k.shape[0]
+    k = k.repeat_interleave(group, dim=0)
+    v = v.repeat_interleave(group, dim=0)
+    scores = linears.matmul(Op.ATTN_SCORES, layer, q, k.transpose(1, 2).contiguous()) / math.sqrt(d)
+    if t > 1:
+        scores = scores.masked_fill(~causal_mask(start, t), float("-inf"))
+    out = linears.matmul(Op.ATTN_CONTEXT, layer, torch.softmax(scores, dim=-1), v)
+    return out.transpose(0, 1).reshape(t, -1)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def decoder_layer(x, i: int, cfg: ModelConfig, norms: Norms, linears: Linears, cache: KVCache,
+                  start: int, offload_attention: bool = False) -> torch.Tensor:
+    t = x.shape[0]
+    h = rms_norm(x, norms.attn_norm[i], cfg.rms_norm_eps)
+    qkv = linears.linear(Op.QKV, i, h)
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = q.view(t, cfg.num_heads, cfg.head_dim).transpose(0, 1)
+    k = k.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+    v = v.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+    cos, sin = norms.cos[start:start + t], norms.sin[start:start + t]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = cache.update(i, start, k, v)
+    if offload_attention:
+        a = attention_offloaded(q, k, v, start, linears, i)
+    else:
+        a = attention(q, k, v, start)
+    x = x + linears.linear(Op.O, i, a)
+    h = rms_norm(x, norms.ffn_norm[i], cfg.rms_norm_eps)
+    return x + linears.linear(Op.DOWN, i, swiglu(linears.linear(Op.GATE_UP, i, h)))
+
+
+def forward(ids: torch.Tensor, start: int, cfg: ModelConfig, norms: Norms, linears: Linears,
+            cache: KVCache, all_logits: bool = False, offload_attention: bool = False) -> torch.Tensor:
+    """Logits for ids (T,) placed at positions start..start+T-1: (T, vocab) or (1, vocab)."""
+    x = norms.embed[ids]
+    for i in range(cfg.num_layers):
+        x = decoder_layer(x, i, cfg, norms, linears, cache, start, offload_attention)
+    if not all_logits:
+        x = x[-1:]
+    return linears.linear(Op.LM_HEAD, -1, rms_norm(x, norms.final_norm, cfg.rms_norm_eps))

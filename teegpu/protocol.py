@@ -1,0 +1,172 @@
+"""The wire protocol: one header frame, then one raw frame per tensor.
+
+Every constant of the protocol lives here, once. A message is
+
+    [header, frame_0, ..., frame_{n-1}]
+
+where the header is a fixed binary struct followed by one descriptor per tensor
+(dtype code, ndim, up to 4 dims). Tensor frames are the raw little-endian bytes of
+contiguous tensors: no msgpack, pickle or JSON around payloads. An error reply and
+the HELLO reply carry one UTF-8 (JSON for HELLO) frame instead of tensors.
+"""
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+from typing import NamedTuple
+
+import torch
+
+from teegpu.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_TENSORS = 4
+MAX_DIMS = 4
+MAX_ROWS = 1 << 16  # largest token count one request may carry
+
+
+class Op(IntEnum):
+    """What a request asks the server to compute (also the model's seam)."""
+
+    HELLO = 0
+    QKV = 1  # fused q|k|v projection of one layer
+    O = 2  # attention output projection
+    GATE_UP = 3  # fused gate|up projection
+    DOWN = 4  # MLP down projection
+    LM_HEAD = 5  # vocabulary projection (layer = -1)
+    ATTN_SCORES = 6  # plaintext Q*K^T (--offload-attention only)
+    ATTN_CONTEXT = 7  # plaintext P*V (--offload-attention only)
+
+
+LINEAR_OPS = (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
+ATTENTION_OPS = (Op.ATTN_SCORES, Op.ATTN_CONTEXT)
+
+
+class ErrorCode(IntEnum):
+    OK = 0
+    BAD_VERSION = 1
+    UNKNOWN_METHOD = 2
+    BAD_LAYER = 3
+    BAD_DTYPE = 4
+    BAD_SHAPE = 5
+    BAD_FRAMES = 6
+    INTERNAL = 7
+
+
+DTYPE_CODES: dict[int, torch.dtype] = {
+    1: torch.float32,
+    2: torch.bfloat16,
+    3: torch.float16,
+    4: torch.int8,
+    5: torch.int32,
+    6: torch.int64,
+    7: torch.float64,
+}
+CODE_OF_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_CODES.items()}
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# version, op, status, request id, layer, tensor count, server compute ns, server queue ns
+_HEAD = struct.Struct("<HBBQiBQQ")
+_DESC = struct.Struct("<BB4I")
+HEADER_BASE_BYTES = _HEAD.size
+
+
+class TensorDesc(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Header(NamedTuple):
+    version: int
+    op: int
+    status: int
+    request_id: int
+    layer: int
+    tensors: tuple[TensorDesc, ...]
+    compute_ns: int = 0
+    queue_ns: int = 0
+
+
+def encode_header(
+    op: int,
+    request_id: int,
+    layer: int,
+    tensors: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
+    status: int = ErrorCode.OK,
+    compute_ns: int = 0,
+    queue_ns: int = 0,
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
+    parts = [_HEAD.pack(version, op, status, request_id, layer, len(tensors), compute_ns, queue_ns)]
+    for t in tensors:
+        dims = tuple(t.shape) + (0,) * (MAX_DIMS - t.dim())
+        parts.append(_DESC.pack(CODE_OF_DTYPE[t.dtype], t.dim(), *dims))
+    return b"".join(parts)
+
+
+def decode_header(buf: bytes | memoryview) -> Header:
+    """Parse a header frame; raise ProtocolError naming what is wrong."""
+    if len(buf) < _HEAD.size:
+        raise ProtocolError(ErrorCode.BAD_FRAMES, f"header frame of {len(buf)} bytes, need {_HEAD.size}")
+    version, op, status, rid, layer, n, compute_ns, queue_ns = _HEAD.unpack_from(buf, 0)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            ErrorCode.BAD_VERSION, f"protocol version {version}, this side speaks {PROTOCOL_VERSION}"
+        )
+    if n > MAX_TENSORS:
+        raise ProtocolError(ErrorCode.BAD_FRAMES, f"{n} tensors in one message, at most {MAX_TENSORS}")
+    if len(buf) != _HEAD.size + n * _DESC.size:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAMES, f"header frame of {len(buf)} bytes does not match {n} tensor descriptors"
+        )
+    descs = []
+    for i in range(n):
+        code, ndim, *dims = _DESC.unpack_from(buf, _HEAD.size + i * _DESC.size)
+        if code not in DTYPE_CODES:
+            raise ProtocolError(ErrorCode.BAD_DTYPE, f"tensor {i}: unknown dtype code {code}")
+        if not 1 <= ndim <= MAX_DIMS:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"tensor {i}: {ndim} dimensions")
+        shape = tuple(dims[:ndim])
+        if any(d == 0 for d in shape):
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"tensor {i}: empty shape {shape}")
+        descs.append(TensorDesc(DTYPE_CODES[code], shape))
+    return Header(version, op, status, rid, layer, tuple(descs), compute_ns, queue_ns)
+
+
+def peek_ids(buf) -> tuple[int, int, int]:
+    """(request id, op, layer) of a header that may not parse, for its error reply."""
+    if len(buf) < _HEAD.size:
+        return 0, 0, 0
+    _, op, _, rid, layer, *_ = _HEAD.unpack_from(buf, 0)
+    return rid, op, layer
+
+
+def tensor_frame(t: torch.Tensor) -> memoryview:
+    """Raw bytes of a contiguous CPU tensor, without copying (bf16 included)."""
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def tensors_from_frames(descs: tuple[TensorDesc, ...], frames: list) -> list[torch.Tensor]:
+    """Wrap received zmq frames as tensors without copying; check every length."""
+    if len(frames) != len(descs):
+        raise ProtocolError(
+            ErrorCode.BAD_FRAMES, f"header announces {len(descs)} tensor frames, message has {len(frames)}"
+        )
+    out = []
+    for i, (desc, frame) in enumerate(zip(descs, frames)):
+        buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+        if buf.nbytes != desc.nbytes:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAMES,
+                f"tensor {i}: frame of {buf.nbytes} bytes, header says {desc.nbytes} "
+                f"({desc.dtype} {list(desc.shape)})",
+            )
+        out.append(torch.frombuffer(buf, dtype=desc.dtype).view(desc.shape))
+    return out

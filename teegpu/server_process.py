@@ -1,0 +1,63 @@
+"""Start a GPU server as a child process (the one-command demo, tests, benchmarks)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from teegpu.errors import ServerUnavailable
+from teegpu.server.linear_server import ServerConfig
+
+READY_PREFIX = "teegpu server ready on "
+
+
+class ServerProcess:
+    """A `teegpu serve` child; `endpoint` is where it listens once `wait_ready` returns."""
+
+    def __init__(self, config: ServerConfig, extra_env: dict | None = None):
+        cmd = [sys.executable, "-m", "teegpu.cli", "serve", "--endpoint", config.endpoint,
+               "--device", config.device, "--dtype", config.dtype]
+        if config.model is not None:
+            cmd += ["--model", str(config.model)]
+        env = {**os.environ, **(extra_env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        self.endpoint: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith(READY_PREFIX) and self.endpoint is None:
+                self.endpoint = line[len(READY_PREFIX):].split()[0]
+                self._ready.set()
+            else:
+                sys.stderr.write(line)
+        self._ready.set()  # EOF: the process ended
+
+    def wait_ready(self, timeout_s: float = 600.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.1):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerUnavailable(f"server did not become ready within {timeout_s:.0f} s")
+        if self.endpoint is None:
+            code = self.proc.wait()
+            raise ServerUnavailable(f"server process exited with code {code} before it was ready")
+        return self.endpoint
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

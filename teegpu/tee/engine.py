@@ -1,0 +1,246 @@
+"""The trusted engine: tokenizer, embeddings, norms, rotary, attention with the KV cache,
+sampling. Only activations cross to the server, through the `linears` seam."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from teegpu.errors import ConfigError, ContextLengthError
+from teegpu.model.llama import KVCache, Linears, Norms, forward, rope_tables
+from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path
+from teegpu.model.weights import ModelWeights
+from teegpu.protocol import WIRE_DTYPES
+from teegpu.server.linear_server import DEVICES, ServerConfig
+from teegpu.server_process import ServerProcess
+from teegpu.tee.linears import LocalLinears, RemoteLinears, handshake
+from teegpu.tee.sampling import sample
+from teegpu.transport import RpcClient, private_endpoint
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
+    server: str | None = None  # endpoint of a running server; None starts a private one
+    local: bool = False  # TEE-only baseline: compute everything here, no server
+    dtype: str = "float32"  # what a server started by the engine serves
+    device: str = "auto"  # where a server started by the engine computes
+    timeout_ms: int = 60_000  # deadline of each request
+    offload_attention: bool = False  # plaintext Q*K^T and P*V on the server (the seed's schedule)
+
+    def __post_init__(self):
+        if self.timeout_ms <= 0:
+            raise ConfigError(f"timeout_ms must be positive, got {self.timeout_ms}")
+        if self.dtype not in WIRE_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: choose one of {tuple(WIRE_DTYPES)}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
+        if self.local and self.server:
+            raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length"
+    timings: dict = field(default_factory=dict)  # load_s, prefill_ms, decode_ms_per_token
+    rpc: dict = field(default_factory=dict)  # calls, bytes_sent, bytes_received
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    """Runs generation on the trusted side; see `Engine.open` for the usual way in."""
+
+    def __init__(self, weights: ModelWeights, tokenizer, linears: Linears, *, offload_attention: bool = False,
+                 stop_ids: set[int] | None = None, client: RpcClient | None = None,
+                 server_process: ServerProcess | None = None):
+        self.config = weights.config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.linears = linears
+        self.offload_attention = offload_attention
+        self.client = client
+        self.server_process = server_process
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
+        self.load_s = 0.0
+        self.norms = Norms(weights.embed, [l.attn_norm for l in weights.layers],
+                           [l.ffn_norm for l in weights.layers], weights.final_norm,
+                           torch.empty(0), torch.empty(0))
+
+    @classmethod
+    def open(cls, config: EngineConfig) -> "Engine":
+        """Load the model on the trusted side and connect to (or start) the GPU server."""
+        start = time.monotonic()
+        proc = None
+        if not config.local and config.server is None:  # start it first: it loads while we do
+            proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
+                                              device=config.device, dtype=config.dtype))
+        client = None
+        try:
+            weights = load_weights(config.model)
+            tokenizer = load_tokenizer(config.model)
+            if config.local:
+                linears = LocalLinears(weights)
+            else:
+                client = RpcClient(config.server or proc.wait_ready(), config.timeout_ms)
+                info = handshake(client, weights)
+                linears = RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]])
+        except BaseException:
+            if client is not None:
+                client.close()
+            if proc is not None:
+                proc.stop()
+            raise
+        engine = cls(weights, tokenizer, linears, offload_attention=config.offload_attention,
+                     stop_ids=generation_eos_ids(config.model), client=client, server_process=proc)
+        engine.load_s = time.monotonic() - start
+        return engine
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.server_process is not None:
+            self.server_process.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the forward pass --
+
+    def new_cache(self, positions: int) -> KVCache:
+        if positions > self.config.max_position_embeddings:
+            raise ContextLengthError(
+                f"{positions} positions exceed the context window of {self.config.max_position_embeddings}")
+        if self.norms.cos.shape[0] < positions:
+            self.norms.cos, self.norms.sin = rope_tables(self.config, positions, self.weights.rope_freq_factors)
+        return KVCache(self.config, positions)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int] | torch.Tensor, start: int, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ConfigError("forward takes a non-empty 1-D sequence of token ids")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ConfigError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if start + ids.numel() > cache.max_positions:
+            raise ContextLengthError(f"positions up to {start + ids.numel()} exceed the cache of {cache.max_positions}")
+        return forward(ids, start, self.config, self.norms, self.linears, cache, all_logits,
+                       self.offload_attention)
+
+    # -- text --
+
+    def encode(self, prompt: str | list, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: a string, chat messages, or ids already."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif chat or isinstance(prompt, list):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"])
+        else:
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list, gen: GenerationConfig | None = None, *, chat: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Prefill the prompt, then decode until EOS or max_new_tokens; stream text to on_text."""
+        gen = gen or GenerationConfig()
+        ids = self.encode(prompt, chat)
+        total = len(ids) + gen.max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise ContextLengthError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds the "
+                f"context window of {self.config.max_position_embeddings} tokens")
+        rpc_before = self.client.stats.as_dict() if self.client else None
+        rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
+        cache = self.new_cache(total)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, 0, cache)
+        prefill_ms = (time.perf_counter() - t0) * 1000
+        out: list[int] = []
+        stream = TextStream(self.tokenizer, on_text)
+        finish, decode_s, steps = "length", 0.0, 0
+        while True:
+            token = sample(logits[-1], gen.temperature, gen.top_k, gen.top_p, rng)
+            if gen.stop_at_eos and token in self.stop_ids:
+                finish = "stop"
+                break
+            out.append(token)
+            stream.push(out)
+            if len(out) == gen.max_new_tokens:
+                break
+            t0 = time.perf_counter()
+            logits = self.forward([token], len(ids) + len(out) - 1, cache)
+            decode_s += time.perf_counter() - t0
+            steps += 1
+        stream.finish(out)
+        rpc = {}
+        if self.client:
+            after = self.client.stats.as_dict()
+            rpc = {k: after[k] - rpc_before[k] for k in after}
+        timings = {"load_s": round(self.load_s, 3), "prefill_ms": round(prefill_ms, 3),
+                   "decode_ms_per_token": round(decode_s * 1000 / steps, 3) if steps else None}
+        return GenerationResult(stream.text, out, len(ids), finish, timings, rpc)
+
+
+class TextStream:
+    """Turns growing token lists into text deltas, holding back split UTF-8 characters."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text, self.text = tokenizer, on_text, ""
+
+    def push(self, ids: list[int], final: bool = False) -> None:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        if self.on_text and len(text) > len(self.text) and text.startswith(self.text):
+            self.on_text(text[len(self.text):])
+        self.text = text
+
+    def finish(self, ids: list[int]) -> None:
+        self.push(ids, final=True)
+
+
+def generation_eos_ids(model: str | None) -> set[int]:
+    """Extra end-of-sequence ids from a HF directory's generation_config.json."""
+    path = resolve_model_path(model)
+    gen_file = path / "generation_config.json" if path.is_dir() else None
+    if gen_file is None or not gen_file.is_file():
+        return set()
+    eos = json.loads(gen_file.read_text()).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -1,0 +1,105 @@
+"""Shared fixtures: the real SmolLM2 model, its HF reference, tiny random LLaMAs, servers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from teegpu.model.loading import default_model_path, load_tokenizer, load_weights
+from teegpu.server.linear_server import ServerConfig
+from teegpu.server_process import ServerProcess
+from teegpu.tee.engine import Engine
+from teegpu.tee.linears import RemoteLinears, handshake
+from teegpu.transport import RpcClient, private_endpoint
+
+TRANSPORTS = {"tcp": lambda: "tcp://127.0.0.1:*", "ipc": private_endpoint}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(weights, tokenizer) of the real default model, loaded the trusted side's way."""
+    return load_weights(None), load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """The reference: transformers' LlamaForCausalLM loaded from the same GGUF file."""
+    from transformers import LlamaForCausalLM
+
+    path = default_model_path()
+    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_servers():
+    """One real server process per transport, started on first use."""
+    procs: dict[str, ServerProcess] = {}
+
+    def get(transport: str, dtype: str = "float32") -> str:
+        key = f"{transport}-{dtype}"
+        if key not in procs:
+            procs[key] = ServerProcess(ServerConfig(endpoint=TRANSPORTS[transport](), dtype=dtype))
+        return procs[key].wait_ready()
+
+    yield get
+    for p in procs.values():
+        p.stop()
+
+
+def connect_engine(weights, tokenizer, endpoint: str, timeout_ms: int = 60_000, **kw) -> Engine:
+    client = RpcClient(endpoint, timeout_ms)
+    info = handshake(client, weights)
+    from teegpu.protocol import WIRE_DTYPES
+
+    return Engine(weights, tokenizer, RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]]), client=client, **kw)
+
+
+_hf_greedy_memo: dict = {}
+
+
+def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Reference greedy decoding by full recomputation; returns (new ids, logits of every position)."""
+    key = (id(model), tuple(ids), steps)
+    if key not in _hf_greedy_memo:
+        _hf_greedy_memo[key] = _hf_greedy(model, ids, steps)
+    return _hf_greedy_memo[key]
+
+
+def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq])).logits[0]
+            seq.append(int(logits[-1].argmax()))
+        logits = model(torch.tensor([seq])).logits[0]
+    return seq[len(ids):], logits
+
+
+def save_tiny_llama(path, tokenizer, seed: int, **overrides):
+    """A random tiny LLaMA in Hugging Face format, with the real tokenizer beside it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               initializer_range=0.1, tie_word_embeddings=False)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(path, smollm2[1], seed=1)
+    return path
+
+
+@pytest.fixture()
+def tiny_server(tiny_model_dir):
+    """A real server process on the tiny model, fresh for each test (tests may kill it)."""
+    proc = ServerProcess(ServerConfig(model=str(tiny_model_dir), endpoint="tcp://127.0.0.1:*"))
+    proc.wait_ready()
+    yield proc
+    proc.stop()
