@@ -8,6 +8,8 @@
     from teegpu import ServerConfig, serve
     serve(ServerConfig(endpoint="tcp://0.0.0.0:5555"))   # the untrusted side, on the GPU host
 """
+__version__ = "0.1.0"
+
 from teegpu.errors import (
     ConfigError, ContextLengthError, HandshakeError, ModelLoadError, ProtocolError, ServerError,
     ServerUnavailable, TeegpuError,

@@ -36,7 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout-ms", type=int, default=60_000, help="deadline of each request")
     g.add_argument("--offload-attention", action="store_true", help="plaintext Q*K^T and P*V on the server")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--rpc-log", metavar="PATH", help="write one JSON Lines record per RPC (teegpu analyze reads it)")
+    a = sub.add_parser("analyze", help="statistics, findings and charts from an --rpc-log file")
+    a.add_argument("log")
+    a.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    a.add_argument("--plot", metavar="FILE.png", help="write the time breakdown and a call timeline")
+    a.add_argument("--top", type=int, default=5, help="how many slowest / largest calls to list")
+    a.add_argument("--follow", action="store_true", help="print a live summary while a run writes the log")
+    a.add_argument("--idle-exit-s", type=float, help="with --follow: stop after this long without new records")
     return p
+
+
+def run_analyze(args) -> int:
+    from teegpu.telemetry.analyze import analyze, follow, format_report, read_log, to_json
+
+    if args.follow:
+        follow(args.log, idle_exit_s=args.idle_exit_s)
+    data = read_log(args.log)
+    report = analyze(data, top=args.top)
+    print(to_json(report) if args.json else format_report(report))
+    if args.plot:
+        from teegpu.telemetry.charts import plot
+
+        plot(data.records, data.run, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
 
 
 def run_serve(args) -> int:
@@ -50,7 +74,8 @@ def run_generate(args) -> int:
     from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
 
     config = EngineConfig(model=args.model, server=args.server, local=args.local, dtype=args.dtype,
-                          device=args.device, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention)
+                          device=args.device, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention,
+                          rpc_log=args.rpc_log)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed)
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -69,7 +94,7 @@ def run_generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": run_serve, "generate": run_generate}[args.command](args)
+        return {"serve": run_serve, "generate": run_generate, "analyze": run_analyze}[args.command](args)
     except TeegpuError as e:
         print(f"teegpu: error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,11 @@ class EngineConfig:
     device: str = "auto"  # where a server started by the engine computes
     timeout_ms: int = 60_000  # deadline of each request
     offload_attention: bool = False  # plaintext Q*K^T and P*V on the server (the seed's schedule)
+    rpc_log: str | None = None  # JSON Lines file: one record per RPC (see teegpu analyze)
+    # torch intra-op threads of the trusted side. None: 1 with a server (its work is small, and
+    # idle OpenMP workers spinning here steal the cores the server's products need; measured
+    # in BENCHMARKS.md), torch's default when local.
+    threads: int | None = None
 
     def __post_init__(self):
         if self.timeout_ms <= 0:
@@ -40,6 +45,8 @@ class EngineConfig:
             raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
         if self.local and self.server:
             raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
 
 
 @dataclass(slots=True)
@@ -91,6 +98,7 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
+        self.telemetry = getattr(linears, "telemetry", None)
         self.norms = Norms(weights.embed, [l.attn_norm for l in weights.layers],
                            [l.ffn_norm for l in weights.layers], weights.final_norm,
                            torch.empty(0), torch.empty(0))
@@ -99,6 +107,8 @@ class Engine:
     def open(cls, config: EngineConfig) -> "Engine":
         """Load the model on the trusted side and connect to (or start) the GPU server."""
         start = time.monotonic()
+        if config.threads is not None or not config.local:
+            torch.set_num_threads(config.threads or 1)
         proc = None
         if not config.local and config.server is None:  # start it first: it loads while we do
             proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
@@ -113,6 +123,8 @@ class Engine:
                 client = RpcClient(config.server or proc.wait_ready(), config.timeout_ms)
                 info = handshake(client, weights)
                 linears = RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]])
+                if config.rpc_log:
+                    linears.telemetry.open(config.rpc_log, run_info(config, info, client))
         except BaseException:
             if client is not None:
                 client.close()
@@ -125,6 +137,8 @@ class Engine:
         return engine
 
     def close(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.close()
         if self.client is not None:
             self.client.close()
         if self.server_process is not None:
@@ -186,9 +200,10 @@ class Engine:
             raise ContextLengthError(
                 f"prompt of {len(ids)} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds the "
                 f"context window of {self.config.max_position_embeddings} tokens")
-        rpc_before = self.client.stats.as_dict() if self.client else None
+        rpc_before = self.rpc_summary()
         rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
         cache = self.new_cache(total)
+        self._phase("prefill", 0)
         t0 = time.perf_counter()
         logits = self.forward(ids, 0, cache)
         prefill_ms = (time.perf_counter() - t0) * 1000
@@ -204,18 +219,52 @@ class Engine:
             stream.push(out)
             if len(out) == gen.max_new_tokens:
                 break
+            self._phase("decode", len(out))
             t0 = time.perf_counter()
             logits = self.forward([token], len(ids) + len(out) - 1, cache)
             decode_s += time.perf_counter() - t0
             steps += 1
         stream.finish(out)
-        rpc = {}
-        if self.client:
-            after = self.client.stats.as_dict()
-            rpc = {k: after[k] - rpc_before[k] for k in after}
+        self._phase("idle", len(out))
+        rpc = _difference(self.rpc_summary(), rpc_before)
         timings = {"load_s": round(self.load_s, 3), "prefill_ms": round(prefill_ms, 3),
                    "decode_ms_per_token": round(decode_s * 1000 / steps, 3) if steps else None}
         return GenerationResult(stream.text, out, len(ids), finish, timings, rpc)
+
+
+    def rpc_summary(self) -> dict:
+        """The client's own call and byte counts, plus the telemetry's time breakdown."""
+        if self.client is None:
+            return {}
+        out = self.client.stats.as_dict()
+        if self.telemetry is not None:
+            out["breakdown_ms"] = self.telemetry.summary()["breakdown_ms"]
+        return out
+
+    def _phase(self, phase: str, token: int) -> None:
+        if self.telemetry is not None:
+            self.telemetry.flush()  # one flush per forward pass keeps `tail -f` current, and cheap
+            self.telemetry.phase, self.telemetry.token = phase, token
+
+
+def _difference(after: dict, before: dict) -> dict:
+    return {k: _difference(v, before[k]) if isinstance(v, dict) else round(v - before[k], 3)
+            for k, v in after.items()}
+
+
+def run_info(config: EngineConfig, server_info: dict, client: RpcClient) -> dict:
+    """The first record of an RPC log: what ran, where, with which versions."""
+    import zmq
+
+    from teegpu import __version__
+
+    return {"model": str(resolve_model_path(config.model)), "fingerprint": server_info["fingerprint"],
+            "transport": client.endpoint.transport, "endpoint": client.endpoint.url,
+            "dtype": server_info["dtype"], "device": server_info["device"], "privacy": "plain",
+            "offload_attention": config.offload_attention,
+            "num_layers": server_info["config"]["num_layers"],
+            "versions": {"teegpu": __version__, "torch": torch.__version__, "pyzmq": zmq.__version__,
+                         "libzmq": zmq.zmq_version()}}
 
 
 class TextStream:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 import torch.nn.functional as F
 
 from teegpu.errors import HandshakeError, ProtocolError
 from teegpu.model.weights import ModelWeights
+from teegpu.telemetry import RpcTelemetry
 from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op
 from teegpu.transport import RpcClient
 
@@ -28,8 +30,10 @@ class LocalLinears:
 class RemoteLinears:
     """Every product goes to the untrusted server; every reply is checked for shape and dtype."""
 
-    def __init__(self, client: RpcClient, weights: ModelWeights, wire_dtype: torch.dtype):
+    def __init__(self, client: RpcClient, weights: ModelWeights, wire_dtype: torch.dtype,
+                 telemetry: RpcTelemetry | None = None):
         self.client = client
+        self.telemetry = telemetry or RpcTelemetry(transport=client.endpoint.transport)
         self.wire_dtype = wire_dtype
         self.out_features = {(op, layer): weights.for_op(op, layer).shape[0]
                              for op in (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
@@ -43,13 +47,18 @@ class RemoteLinears:
         return self._call(op, layer, (a, b), (a.shape[0], a.shape[1], b.shape[2]))
 
     def _call(self, op: Op, layer: int, inputs, expected_shape) -> torch.Tensor:
+        started = time.perf_counter_ns()
         wire = [t.to(self.wire_dtype).contiguous() for t in inputs]
-        _, outputs = self.client.call(op, layer, wire)
+        head, outputs = self.client.call(op, layer, wire, started_ns=started)
         if len(outputs) != 1 or tuple(outputs[0].shape) != expected_shape or outputs[0].dtype != self.wire_dtype:
             got = [(str(t.dtype), list(t.shape)) for t in outputs]
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"server replied {got} to {op.name} layer {layer}, "
                                 f"expected {self.wire_dtype} {list(expected_shape)}")
-        return outputs[0].float()
+        out = outputs[0].float()
+        stamps = self.client.last_stamps
+        self.telemetry.record(op.name, layer, (*stamps[:5], time.perf_counter_ns()), head.compute_ns,
+                              head.queue_ns, *self.client.last_sizes)
+        return out
 
 
 def handshake(client: RpcClient, weights: ModelWeights) -> dict:
