@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--timeout-ms", type=int, default=60_000, help="deadline of each request")
+    g.add_argument("--threads", type=int, help="torch threads of the trusted side (default: 1 with a server)")
     g.add_argument("--offload-attention", action="store_true", help="plaintext Q*K^T and P*V on the server")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--rpc-log", metavar="PATH", help="write one JSON Lines record per RPC (teegpu analyze reads it)")
@@ -75,7 +76,7 @@ def run_generate(args) -> int:
 
     config = EngineConfig(model=args.model, server=args.server, local=args.local, dtype=args.dtype,
                           device=args.device, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention,
-                          rpc_log=args.rpc_log)
+                          rpc_log=args.rpc_log, threads=args.threads)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed)
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
