@@ -82,13 +82,19 @@ def run_generate(args) -> int:
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     with Engine.open(config) as engine:
         result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text)
+        if not args.json:
+            print(flush=True)  # end the streamed line before the server's exit message
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         t, r = result.timings, result.rpc
-        print()
         print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; prefill {t['prefill_ms']:.0f} ms, "
               f"decode {t['decode_ms_per_token'] or 0:.1f} ms/token; {r.get('calls', 0)} RPCs]", file=sys.stderr)
+        if r.get("breakdown_ms"):
+            b = r["breakdown_ms"]
+            parts = ", ".join(f"{k.removesuffix('_ms')} {v:.0f}" for k, v in b.items() if k != "total_ms")
+            print(f"[RPC time {b['total_ms']:.0f} ms: {parts}; {(r['bytes_sent'] + r['bytes_received']) / 1e6:.1f} MB]",
+                  file=sys.stderr)
     return 0
 
 
