@@ -1,6 +1,5 @@
 """The split runtime (two processes over ZeroMQ) computes what transformers computes."""
 import pytest
-import torch
 
 from conftest import connect_engine, hf_greedy
 from teegpu.tee.engine import GenerationConfig
