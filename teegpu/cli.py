@@ -8,6 +8,7 @@ import sys
 from teegpu.errors import TeegpuError
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.server.linear_server import DEVICES, ServerConfig
+from teegpu.transport import DATA_PLANES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     s.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="tcp://HOST:PORT or ipc:///PATH")
     s.add_argument("--device", choices=DEVICES, default="auto")
-    s.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32")
+    s.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32", help="weights and wire dtype")
+    s.add_argument("--data-plane", choices=DATA_PLANES, default="shm",
+                   help="shm (default): clients on this host may pass tensors through /dev/shm; socket: refuse")
+    s.add_argument("--busy-poll-us", type=int, default=0,
+                   help="after each reply, poll this long without sleeping (pays on hosts with idle cores)")
 
     g = sub.add_parser("generate", help="generate text on the trusted side, linears on the server")
     g.add_argument("prompt")
@@ -28,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local", action="store_true", help="TEE-only baseline: no server, compute everything here")
     g.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32", help="dtype of the started server")
     g.add_argument("--device", choices=DEVICES, default="auto", help="device of the started server")
+    g.add_argument("--data-plane", choices=DATA_PLANES, default="shm",
+                   help="shm: tensors through /dev/shm when the server is on this host; socket: in the messages")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -67,7 +74,8 @@ def run_analyze(args) -> int:
 def run_serve(args) -> int:
     from teegpu.server.linear_server import serve
 
-    serve(ServerConfig(model=args.model, endpoint=args.endpoint, device=args.device, dtype=args.dtype))
+    serve(ServerConfig(model=args.model, endpoint=args.endpoint, device=args.device, dtype=args.dtype,
+                       data_plane=args.data_plane, busy_poll_us=args.busy_poll_us))
     return 0
 
 
@@ -75,7 +83,7 @@ def run_generate(args) -> int:
     from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
 
     config = EngineConfig(model=args.model, server=args.server, local=args.local, dtype=args.dtype,
-                          device=args.device, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention,
+                          device=args.device, data_plane=args.data_plane, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention,
                           rpc_log=args.rpc_log, threads=args.threads)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed)

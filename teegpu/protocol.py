@@ -8,6 +8,10 @@ where the header is a fixed binary struct followed by one descriptor per tensor
 (dtype code, ndim, up to 4 dims). Tensor frames are the raw little-endian bytes of
 contiguous tensors: no msgpack, pickle or JSON around payloads. An error reply and
 the HELLO reply carry one UTF-8 (JSON for HELLO) frame instead of tensors.
+
+With the shared-memory data plane (FLAG_SHM) the message is the header alone: the
+tensors it describes lie in the client's region under /dev/shm, packed from offset 0
+at ALIGN-byte boundaries (`shm_offsets`); the reply's tensors follow the request's.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 
 from teegpu.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_TENSORS = 4
 MAX_DIMS = 4
 MAX_ROWS = 1 << 16  # largest token count one request may carry
@@ -36,6 +40,8 @@ class Op(IntEnum):
     LM_HEAD = 5  # vocabulary projection (layer = -1)
     ATTN_SCORES = 6  # plaintext Q*K^T (--offload-attention only)
     ATTN_CONTEXT = 7  # plaintext P*V (--offload-attention only)
+    ATTACH_SHM = 8  # one UTF-8 frame: the name of the client's region under /dev/shm
+    SINK = 9  # takes one tensor of any shape, returns nothing: measures transfers
 
 
 LINEAR_OPS = (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
@@ -51,6 +57,11 @@ class ErrorCode(IntEnum):
     BAD_SHAPE = 5
     BAD_FRAMES = 6
     INTERNAL = 7
+    BAD_SHM = 8
+
+
+FLAG_SHM = 1  # the tensors of this message lie in the shared region, not in frames
+ALIGN = 64
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
@@ -65,8 +76,8 @@ DTYPE_CODES: dict[int, torch.dtype] = {
 CODE_OF_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_CODES.items()}
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# version, op, status, request id, layer, tensor count, server compute ns, server queue ns
-_HEAD = struct.Struct("<HBBQiBQQ")
+# version, op, status, flags, request id, layer, tensor count, server compute ns, server queue ns
+_HEAD = struct.Struct("<HBBBQiBQQ")
 _DESC = struct.Struct("<BB4I")
 HEADER_BASE_BYTES = _HEAD.size
 
@@ -87,6 +98,7 @@ class Header(NamedTuple):
     version: int
     op: int
     status: int
+    flags: int
     request_id: int
     layer: int
     tensors: tuple[TensorDesc, ...]
@@ -103,11 +115,13 @@ def encode_header(
     compute_ns: int = 0,
     queue_ns: int = 0,
     version: int = PROTOCOL_VERSION,
+    flags: int = 0,
 ) -> bytes:
-    parts = [_HEAD.pack(version, op, status, request_id, layer, len(tensors), compute_ns, queue_ns)]
+    """`tensors` may be tensors or TensorDesc (dtype, shape) pairs: only dtype and shape are read."""
+    parts = [_HEAD.pack(version, op, status, flags, request_id, layer, len(tensors), compute_ns, queue_ns)]
     for t in tensors:
-        dims = tuple(t.shape) + (0,) * (MAX_DIMS - t.dim())
-        parts.append(_DESC.pack(CODE_OF_DTYPE[t.dtype], t.dim(), *dims))
+        shape = tuple(t.shape)
+        parts.append(_DESC.pack(CODE_OF_DTYPE[t.dtype], len(shape), *shape, *(0,) * (MAX_DIMS - len(shape))))
     return b"".join(parts)
 
 
@@ -115,7 +129,7 @@ def decode_header(buf: bytes | memoryview) -> Header:
     """Parse a header frame; raise ProtocolError naming what is wrong."""
     if len(buf) < _HEAD.size:
         raise ProtocolError(ErrorCode.BAD_FRAMES, f"header frame of {len(buf)} bytes, need {_HEAD.size}")
-    version, op, status, rid, layer, n, compute_ns, queue_ns = _HEAD.unpack_from(buf, 0)
+    version, op, status, flags, rid, layer, n, compute_ns, queue_ns = _HEAD.unpack_from(buf, 0)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {version}, this side speaks {PROTOCOL_VERSION}"
@@ -137,15 +151,25 @@ def decode_header(buf: bytes | memoryview) -> Header:
         if any(d == 0 for d in shape):
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"tensor {i}: empty shape {shape}")
         descs.append(TensorDesc(DTYPE_CODES[code], shape))
-    return Header(version, op, status, rid, layer, tuple(descs), compute_ns, queue_ns)
+    return Header(version, op, status, flags, rid, layer, tuple(descs), compute_ns, queue_ns)
 
 
 def peek_ids(buf) -> tuple[int, int, int]:
     """(request id, op, layer) of a header that may not parse, for its error reply."""
     if len(buf) < _HEAD.size:
         return 0, 0, 0
-    _, op, _, rid, layer, *_ = _HEAD.unpack_from(buf, 0)
+    _, op, _, _, rid, layer, *_ = _HEAD.unpack_from(buf, 0)
     return rid, op, layer
+
+
+def shm_offsets(descs, start: int = 0) -> tuple[list[int], int]:
+    """Offsets of tensors packed from `start` at ALIGN boundaries, and the end of the last one."""
+    offsets, pos = [], start
+    for d in descs:
+        pos = -(-pos // ALIGN) * ALIGN
+        offsets.append(pos)
+        pos += d.nbytes
+    return offsets, pos
 
 
 def tensor_frame(t: torch.Tensor) -> memoryview:

@@ -18,7 +18,8 @@ class ServerProcess:
 
     def __init__(self, config: ServerConfig, extra_env: dict | None = None):
         cmd = [sys.executable, "-m", "teegpu.cli", "serve", "--endpoint", config.endpoint,
-               "--device", config.device, "--dtype", config.dtype]
+               "--device", config.device, "--dtype", config.dtype, "--data-plane", config.data_plane,
+               "--busy-poll-us", str(config.busy_poll_us)]
         if config.model is not None:
             cmd += ["--model", str(config.model)]
         env = {**os.environ, **(extra_env or {})}

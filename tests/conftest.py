@@ -4,14 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from teegpu.model.loading import default_model_path, load_tokenizer, load_weights
+from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.reference import transformers_model
 from teegpu.server.linear_server import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
-from teegpu.tee.linears import RemoteLinears, handshake
-from teegpu.transport import RpcClient, private_endpoint
+from teegpu.transport import private_endpoint
 
 TRANSPORTS = {"tcp": lambda: "tcp://127.0.0.1:*", "ipc": private_endpoint}
+# how a test names a variant: the endpoint's transport, or "shm" (ipc for the header, /dev/shm for tensors)
+VARIANTS = ("tcp", "ipc", "shm")
+
+
+def connect_engine(weights, tokenizer, servers, variant: str, dtype: str = "float32", **kw) -> Engine:
+    """An engine on the session's loaded model, talking to the shared server of that variant."""
+    endpoint = servers("ipc" if variant == "shm" else variant, dtype)
+    return Engine.connect(weights, tokenizer, endpoint, data_plane="shm" if variant == "shm" else "socket", **kw)
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +31,27 @@ def smollm2():
 @pytest.fixture(scope="session")
 def hf_smollm2():
     """The reference: transformers' LlamaForCausalLM loaded from the same GGUF file."""
-    from transformers import LlamaForCausalLM
+    return transformers_model(None)
 
-    path = default_model_path()
-    return LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+@pytest.fixture(scope="session")
+def hf_smollm2_in():
+    """transformers' model from the same GGUF in a given dtype, loaded on first use."""
+    models = {}
+
+    def get(dtype: torch.dtype):
+        if dtype not in models:
+            models[dtype] = transformers_model(None, dtype)
+        return models[dtype]
+
+    return get
+
+
+def hf_generate(model, ids: list[int], steps: int) -> list[int]:
+    """Greedy tokens from transformers' own generate loop with its KV cache."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    return out[0, len(ids):].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +68,6 @@ def smollm2_servers():
     yield get
     for p in procs.values():
         p.stop()
-
-
-def connect_engine(weights, tokenizer, endpoint: str, timeout_ms: int = 60_000, **kw) -> Engine:
-    client = RpcClient(endpoint, timeout_ms)
-    info = handshake(client, weights)
-    from teegpu.protocol import WIRE_DTYPES
-
-    return Engine(weights, tokenizer, RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]]), client=client, **kw)
 
 
 _hf_greedy_memo: dict = {}

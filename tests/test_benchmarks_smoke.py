@@ -12,3 +12,24 @@ def test_rpc_log_overhead_bench_runs(tiny_model_dir):
     res = rpc_log_overhead.measure(tokens=4, repeats=2, model=str(tiny_model_dir))
     assert set(res["decode_ms_per_token"]) == {"off", "on"}
     assert res["median_ratio_on_off"] > 0
+
+
+def test_side_by_side_bench_runs_every_column(tiny_model_dir):
+    from bench import suite
+
+    res = suite.measure(model=str(tiny_model_dir), tokens=3, prefill=(8, 16), repeats=1,
+                        dtypes=("float32", "bfloat16"), planes=("tcp", "ipc", "shm"), transfer_mb=0.5,
+                        progress=False)
+    cols = res["columns"]
+    splits = [f"split {p} {d}" for d in ("float32", "bfloat16") for p in ("tcp", "ipc", "shm")]
+    assert set(cols) == {"hf float32", "hf bfloat16", "tee-only float32", "tee-only bfloat16", "limits", *splits}
+    for name in splits:
+        c = cols[name]
+        assert c["rpcs_per_token"]["median"] == res["expected_rpcs_per_token"] == 4 * 3 + 1
+        assert c["bytes_per_token"]["median"] > 0
+        assert all(c[k]["min"] > 0 for k in ("prefill_8_ms", "prefill_16_ms", "decode_ms_per_token",
+                                             "rpc_overhead_us", "transfer_ms"))
+    assert cols["limits"]["memcpy_ms"]["min"] > 0 and cols["limits"]["rpc_overhead_us"]["min"] > 0
+    table = suite.format_table(res)
+    assert all(name in table for name in cols) and "x memcpy" in table
+    assert sum("decode" in line for line in suite.targets(res)) == len(splits)

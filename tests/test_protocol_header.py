@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from teegpu.errors import ProtocolError
-from teegpu.protocol import ErrorCode, Op, decode_header, encode_header, tensor_frame, tensors_from_frames
+from teegpu.protocol import HEADER_BASE_BYTES, ErrorCode, Op, decode_header, encode_header, tensor_frame, tensors_from_frames
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int64])
@@ -25,7 +25,7 @@ def test_rejections():
         decode_header(good[:-1])
     assert e.value.code == ErrorCode.BAD_FRAMES
     with pytest.raises(ProtocolError) as e:
-        decode_header(good[:33] + bytes([99]) + good[34:])  # unknown dtype code
+        decode_header(good[:HEADER_BASE_BYTES] + bytes([99]) + good[HEADER_BASE_BYTES + 1:])  # unknown dtype code
     assert e.value.code == ErrorCode.BAD_DTYPE
     with pytest.raises(ProtocolError) as e:
         tensors_from_frames(decode_header(good).tensors, [b"\0" * 23])

@@ -57,7 +57,7 @@ def test_percentile_nearest_rank():
 
 def test_real_run_records_every_rpc(tmp_path, smollm2, smollm2_servers):
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers("tcp"))
+    engine = connect_engine(weights, tok, smollm2_servers, "tcp")
     log = tmp_path / "rpc.jsonl"
     engine.telemetry.open(str(log), {"model": "smollm2", "transport": "tcp", "num_layers": 30})
     calls_before = engine.client.stats.calls
@@ -83,7 +83,7 @@ def test_plot_is_a_readable_png(tmp_path, smollm2, smollm2_servers):
     from PIL import Image
 
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers("ipc"))
+    engine = connect_engine(weights, tok, smollm2_servers, "ipc")
     log = tmp_path / "rpc.jsonl"
     engine.telemetry.open(str(log), {"model": "smollm2", "transport": "ipc", "num_layers": 30})
     engine.generate("Hi", GenerationConfig(max_new_tokens=4, stop_at_eos=False))

@@ -1,7 +1,7 @@
 """The split runtime (two processes over ZeroMQ) computes what transformers computes."""
 import pytest
 
-from conftest import connect_engine, hf_greedy
+from conftest import VARIANTS, connect_engine, hf_greedy
 from teegpu.tee.engine import GenerationConfig
 
 PROMPTS = [
@@ -11,10 +11,10 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+@pytest.mark.parametrize("transport", VARIANTS)
 def test_prefill_and_decode_logits_match(transport, smollm2, hf_smollm2, smollm2_servers):
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers(transport))
+    engine = connect_engine(weights, tok, smollm2_servers, transport)
     ids = engine.encode("Tell me about the moon.", chat=True)
     steps = 8
     ref_new, ref_logits = hf_greedy(hf_smollm2, ids, steps)
@@ -27,10 +27,10 @@ def test_prefill_and_decode_logits_match(transport, smollm2, hf_smollm2, smollm2
     engine.client.close()
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+@pytest.mark.parametrize("transport", VARIANTS)
 def test_greedy_32_tokens_identical(transport, smollm2, hf_smollm2, smollm2_servers):
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers(transport))
+    engine = connect_engine(weights, tok, smollm2_servers, transport)
     for prompt, chat in PROMPTS:
         ids = engine.encode(prompt, chat=chat)
         ref_new, _ = hf_greedy(hf_smollm2, ids, 32)
@@ -43,7 +43,7 @@ def test_greedy_32_tokens_identical(transport, smollm2, hf_smollm2, smollm2_serv
 def test_round_trips_per_token(smollm2, smollm2_servers):
     """4 per decoder layer + 1 for the LM head, for the prefill and for every decode step."""
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers("ipc"))
+    engine = connect_engine(weights, tok, smollm2_servers, "ipc")
     result = engine.generate("Hello", GenerationConfig(max_new_tokens=5, stop_at_eos=False))
     per_forward = 4 * weights.config.num_layers + 1
     assert result.rpc["calls"] == per_forward * 5  # prefill + 4 decode forwards
@@ -54,7 +54,7 @@ def test_round_trips_per_token(smollm2, smollm2_servers):
 def test_offload_attention_matches(smollm2, hf_smollm2, smollm2_servers):
     """The seed's schedule (Q*K^T and P*V on the server) is kept as an option and still exact."""
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers("ipc"), offload_attention=True)
+    engine = connect_engine(weights, tok, smollm2_servers, "ipc", offload_attention=True)
     ids = engine.encode("The capital of France is")
     ref_new, ref_logits = hf_greedy(hf_smollm2, ids, 4)
     cache = engine.new_cache(len(ids) + 4)
@@ -70,7 +70,7 @@ def test_offload_attention_matches(smollm2, hf_smollm2, smollm2_servers):
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(smollm2, smollm2_servers):
     weights, tok = smollm2
-    engine = connect_engine(weights, tok, smollm2_servers("ipc"))
+    engine = connect_engine(weights, tok, smollm2_servers, "ipc")
     sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7, stop_at_eos=False)
     a = engine.generate("Once upon a time", sampled)
     b = engine.generate("Once upon a time", sampled)

@@ -54,7 +54,11 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """In float32 whatever x is, cast back before the weight (as transformers does, so that
+    bfloat16 runs round where the reference rounds)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,11 +103,18 @@ def causal_mask(start: int, t: int) -> torch.Tensor:
 
 
 def attention(q, k, v, start: int) -> torch.Tensor:
-    """q (H, T, D), k/v (Hkv, S, D) with grouped heads; returns (T, H*D)."""
+    """q (H, T, D), k/v (Hkv, S, D) with grouped heads; returns (T, H*D).
+
+    Batched 4-D calls and is_causal from position 0 select the kernels transformers uses,
+    so that bfloat16 runs round exactly where the reference rounds.
+    """
     t = q.shape[1]
-    mask = None if t == 1 else causal_mask(start, t)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return out.transpose(0, 1).reshape(t, -1)
+    q, k, v = q[None], k[None], v[None]
+    if t == 1 or start == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
+    else:  # a chunk after cached positions: causal relative to its own start
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(start, t), enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(t, -1)
 
 
 def attention_offloaded(q, k, v, start: int, linears: Linears, layer: int) -> torch.Tensor:

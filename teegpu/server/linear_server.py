@@ -6,21 +6,22 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
 from teegpu.model.weights import WEIGHT_OF_OP, ModelWeights
 from teegpu.protocol import (
-    ATTENTION_OPS, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op, decode_header, encode_header,
-    tensor_frame, tensors_from_frames,
+    ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op, TensorDesc,
+    decode_header, encode_header, shm_offsets, tensor_frame, tensors_from_frames,
 )
-from teegpu.transport import ServerSocket
+from teegpu.transport import DATA_PLANES, ServerSocket, ShmRegion
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 
 
 @dataclass(slots=True)
@@ -29,8 +30,17 @@ class ServerConfig:
     endpoint: str = "tcp://127.0.0.1:5555"
     device: str = "auto"
     dtype: str = "float32"
+    # after each reply, poll without sleeping this long before blocking. Pays where the server
+    # host has idle cores (a GPU server): the next request of a decode step follows within
+    # tens of microseconds. On a 2-core host it steals the client's core (BENCHMARKS.md).
+    busy_poll_us: int = 0
+    data_plane: str = "shm"  # "shm": clients on this host may attach a shared region; "socket": refuse
 
     def __post_init__(self):
+        if self.data_plane not in DATA_PLANES:
+            raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
+        if self.busy_poll_us < 0:
+            raise ConfigError(f"busy_poll_us must be >= 0, got {self.busy_poll_us}")
         if self.device not in DEVICES:
             raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
         if self.dtype not in WIRE_DTYPES:
@@ -48,8 +58,9 @@ def pick_device(device: str) -> torch.device:
 class LinearServer:
     """Holds the fused linear weights on the device and answers one request at a time."""
 
-    def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
+    def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True):
         self.config = weights.config
+        self.allow_shm = allow_shm
         self.fingerprint = weights.fingerprint
         self.device, self.dtype = device, dtype
         cfg = weights.config
@@ -58,6 +69,7 @@ class LinearServer:
             for layer in [-1] if op == Op.LM_HEAD else range(cfg.num_layers):
                 self.weights[op, layer] = weights.for_op(op, layer).to(device=device, dtype=dtype)
         self.requests = 0
+        self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
 
     def hello(self) -> bytes:
         return json.dumps({
@@ -68,7 +80,7 @@ class LinearServer:
             "config": self.config.to_dict(),
         }).encode()
 
-    def handle(self, header_frame, frames) -> tuple[bytes, list]:
+    def handle(self, identity: bytes, header_frame, frames) -> tuple[bytes, list]:
         """Answer one request; raise ProtocolError for anything malformed."""
         received_ns = time.perf_counter_ns()
         head = decode_header(header_frame.buffer)
@@ -77,14 +89,58 @@ class LinearServer:
         op = Op(head.op)
         if op == Op.HELLO:
             return encode_header(op, head.request_id, head.layer), [self.hello()]
-        inputs = tensors_from_frames(head.tensors, frames)
+        if op == Op.ATTACH_SHM:
+            return self._attach(identity, head, frames)
+        region = None
+        if head.flags & FLAG_SHM:
+            region = self.regions.get(identity)
+            if region is None or frames:
+                raise ProtocolError(ErrorCode.BAD_SHM, "tensors announced in a shared region that this "
+                                    "client has not attached, or frames sent as well")
+            offsets, request_end = shm_offsets(head.tensors)
+            if request_end > region.size:
+                raise ProtocolError(ErrorCode.BAD_SHM, f"request of {request_end} bytes exceeds the shared "
+                                    f"region of {region.size}")
+            inputs = [region.tensor(off, d.dtype, d.shape) for d, off in zip(head.tensors, offsets)]
+        else:
+            inputs = tensors_from_frames(head.tensors, frames)
+        if op == Op.SINK:
+            if len(inputs) != 1:
+                raise ProtocolError(ErrorCode.BAD_FRAMES, f"SINK takes 1 tensor, got {len(inputs)}")
+            return encode_header(op, head.request_id, head.layer), []
         self._validate(op, head.layer, inputs)
+        out_shape = self._out_shape(op, head.layer, inputs)
+        out = None
+        if region is not None:  # the reply goes after the request when it fits
+            reply_start = -(-request_end // ALIGN) * ALIGN
+            out_offsets, reply_end = shm_offsets([TensorDesc(self.dtype, out_shape)], reply_start)
+            if reply_end <= region.size:
+                out = region.tensor(out_offsets[0], self.dtype, out_shape)
         start_ns = time.perf_counter_ns()
-        out = self._compute(op, head.layer, inputs)
+        result = self._compute(op, head.layer, inputs, out)
         compute_ns = time.perf_counter_ns() - start_ns
         queue_ns = time.perf_counter_ns() - received_ns - compute_ns
-        return encode_header(op, head.request_id, head.layer, [out], compute_ns=compute_ns,
-                             queue_ns=queue_ns), [tensor_frame(out)]
+        header = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
+                               queue_ns=queue_ns, flags=FLAG_SHM if out is not None else 0)
+        return header, [] if out is not None else [tensor_frame(result)]
+
+    def _attach(self, identity: bytes, head, frames) -> tuple[bytes, list]:
+        if not self.allow_shm:
+            raise ProtocolError(ErrorCode.BAD_SHM, "this server was started with --data-plane socket")
+        if len(frames) != 1 or head.tensors:
+            raise ProtocolError(ErrorCode.BAD_FRAMES, "ATTACH_SHM takes one frame: the region's name")
+        try:
+            name = bytes(frames[0].buffer).decode("ascii")
+            region = ShmRegion.attach(name)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from e
+        old = self.regions.pop(identity, None)
+        if old is not None:
+            old.close()
+        self.regions[identity] = region
+        while len(self.regions) > MAX_REGIONS:  # clients that went away without a word
+            self.regions.popitem(last=False)[1].close()
+        return encode_header(Op.ATTACH_SHM, head.request_id, head.layer), [b"attached"]
 
     def _validate(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> None:
         cfg = self.config
@@ -117,21 +173,32 @@ class LinearServer:
         if not ok:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"{op.name}: shapes {list(a.shape)} and {list(b.shape)}")
 
-    @torch.inference_mode()
-    def _compute(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> torch.Tensor:
-        xs = [t.to(self.device, non_blocking=True) for t in inputs]
+    def _out_shape(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> tuple[int, ...]:
         if op in ATTENTION_OPS:
-            out = torch.bmm(xs[0], xs[1])
-        else:
-            out = F.linear(xs[0], self.weights[op, layer])
-        if out.device.type != "cpu":
-            out = out.cpu()
-        return out.contiguous()
+            a, b = inputs
+            return (a.shape[0], a.shape[1], b.shape[2])
+        return (inputs[0].shape[0], self.weights[op, layer].shape[0])
 
-    def serve(self, sock: ServerSocket, stop: threading.Event, poll_ms: int = 200) -> None:
+    @torch.inference_mode()
+    def _compute(self, op: Op, layer: int, inputs: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
+        """The product, written into `out` (a view of the shared region) when given."""
+        on_cpu = self.device.type == "cpu"
+        xs = inputs if on_cpu else [t.to(self.device, non_blocking=True) for t in inputs]
+        if op in ATTENTION_OPS:
+            result = torch.bmm(xs[0], xs[1], out=out if on_cpu else None)
+        else:
+            result = torch.mm(xs[0], self.weights[op, layer].t(), out=out if on_cpu else None)
+        if out is not None and not on_cpu:
+            out.copy_(result)
+            return out
+        return result if on_cpu else result.cpu()
+
+    def serve(self, sock: ServerSocket, stop: threading.Event, poll_ms: int = 200, busy_poll_us: int = 0) -> None:
         """Answer requests until `stop` is set. A bad request gets an error reply, never a crash."""
+        spin_us = 0
         while not stop.is_set():
-            msg = sock.recv(poll_ms)
+            msg = sock.recv(poll_ms, spin_us)
+            spin_us = busy_poll_us if msg is not None else 0
             if msg is None:
                 continue
             if len(msg) < 2:
@@ -139,7 +206,7 @@ class LinearServer:
             identity, header, frames = msg[0], msg[1], msg[2:]
             self.requests += 1
             try:
-                reply_header, reply_frames = self.handle(header, frames)
+                reply_header, reply_frames = self.handle(identity.bytes, header, frames)
             except ProtocolError as e:
                 sock.reply_error(identity, header, e.code, str(e))
                 continue
@@ -153,18 +220,21 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
     """Load the model, bind, print the endpoint once ready, serve until SIGINT/SIGTERM or `stop`."""
     device = pick_device(config.device)
     weights = load_weights(config.model)
-    server = LinearServer(weights, device, WIRE_DTYPES[config.dtype])
+    server = LinearServer(weights, device, WIRE_DTYPES[config.dtype], allow_shm=config.data_plane == "shm")
     del weights
     sock = ServerSocket(config.endpoint)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype})", flush=True)
+    print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype}, "
+          f"data plane {config.data_plane})", flush=True)
     if ready is not None:
         ready(sock.bound_url)
     try:
-        server.serve(sock, stop)
+        server.serve(sock, stop, busy_poll_us=config.busy_poll_us)
     finally:
+        for region in server.regions.values():
+            region.close()
         sock.close()
         print(f"teegpu server stopped after {server.requests} requests", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from teegpu.server.linear_server import DEVICES, ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.linears import LocalLinears, RemoteLinears, handshake
 from teegpu.tee.sampling import sample
-from teegpu.transport import RpcClient, private_endpoint
+from teegpu.transport import DATA_PLANES, RpcClient, private_endpoint
 
 
 @dataclass(slots=True)
@@ -26,8 +26,11 @@ class EngineConfig:
     model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
     server: str | None = None  # endpoint of a running server; None starts a private one
     local: bool = False  # TEE-only baseline: compute everything here, no server
-    dtype: str = "float32"  # what a server started by the engine serves
+    # dtype of the products, on the wire and of the trusted side's activations (as transformers
+    # runs a model in that dtype); with `server`, the server's dtype decides
+    dtype: str = "float32"
     device: str = "auto"  # where a server started by the engine computes
+    data_plane: str = "shm"  # tensors through /dev/shm when the server is on this host, else "socket"
     timeout_ms: int = 60_000  # deadline of each request
     offload_attention: bool = False  # plaintext Q*K^T and P*V on the server (the seed's schedule)
     rpc_log: str | None = None  # JSON Lines file: one record per RPC (see teegpu analyze)
@@ -43,6 +46,8 @@ class EngineConfig:
             raise ConfigError(f"dtype {self.dtype!r}: choose one of {tuple(WIRE_DTYPES)}")
         if self.device not in DEVICES:
             raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
+        if self.data_plane not in DATA_PLANES:
+            raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
         if self.local and self.server:
             raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
         if self.threads is not None and self.threads < 1:
@@ -85,22 +90,24 @@ class GenerationResult:
 class Engine:
     """Runs generation on the trusted side; see `Engine.open` for the usual way in."""
 
-    def __init__(self, weights: ModelWeights, tokenizer, linears: Linears, *, offload_attention: bool = False,
-                 stop_ids: set[int] | None = None, client: RpcClient | None = None,
-                 server_process: ServerProcess | None = None):
+    def __init__(self, weights: ModelWeights, tokenizer, linears: Linears, *, dtype: torch.dtype = torch.float32,
+                 offload_attention: bool = False, stop_ids: set[int] | None = None,
+                 client: RpcClient | None = None, server_process: ServerProcess | None = None):
         self.config = weights.config
+        self.dtype = dtype
         self.weights = weights
         self.tokenizer = tokenizer
         self.linears = linears
         self.offload_attention = offload_attention
         self.client = client
         self.server_process = server_process
+        self.server_info: dict = {}
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
         self.telemetry = getattr(linears, "telemetry", None)
-        self.norms = Norms(weights.embed, [l.attn_norm for l in weights.layers],
-                           [l.ffn_norm for l in weights.layers], weights.final_norm,
+        self.norms = Norms(weights.embed.to(dtype), [l.attn_norm.to(dtype) for l in weights.layers],
+                           [l.ffn_norm.to(dtype) for l in weights.layers], weights.final_norm.to(dtype),
                            torch.empty(0), torch.empty(0))
 
     @classmethod
@@ -113,27 +120,44 @@ class Engine:
         if not config.local and config.server is None:  # start it first: it loads while we do
             proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
                                               device=config.device, dtype=config.dtype))
-        client = None
+        engine = None
         try:
             weights = load_weights(config.model)
             tokenizer = load_tokenizer(config.model)
+            stop_ids = generation_eos_ids(config.model)
             if config.local:
-                linears = LocalLinears(weights)
+                dtype = WIRE_DTYPES[config.dtype]
+                engine = cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
+                             offload_attention=config.offload_attention, stop_ids=stop_ids)
             else:
-                client = RpcClient(config.server or proc.wait_ready(), config.timeout_ms)
-                info = handshake(client, weights)
-                linears = RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]])
+                engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
+                                     data_plane=config.data_plane, offload_attention=config.offload_attention,
+                                     stop_ids=stop_ids)
+                engine.server_process = proc
                 if config.rpc_log:
-                    linears.telemetry.open(config.rpc_log, run_info(config, info, client))
+                    engine.telemetry.open(config.rpc_log, run_info(config, engine.server_info, engine.client))
         except BaseException:
-            if client is not None:
-                client.close()
-            if proc is not None:
+            if engine is not None:
+                engine.close()
+            elif proc is not None:
                 proc.stop()
             raise
-        engine = cls(weights, tokenizer, linears, offload_attention=config.offload_attention,
-                     stop_ids=generation_eos_ids(config.model), client=client, server_process=proc)
         engine.load_s = time.monotonic() - start
+        return engine
+
+    @classmethod
+    def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = 60_000,
+                data_plane: str = "socket", **kw) -> "Engine":
+        """An engine on already loaded weights, using the server at `endpoint` after a handshake."""
+        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane)
+        try:
+            info = handshake(client, weights)
+        except BaseException:
+            client.close()
+            raise
+        dtype = WIRE_DTYPES[info["dtype"]]
+        engine = cls(weights, tokenizer, RemoteLinears(client, weights, dtype), dtype=dtype, client=client, **kw)
+        engine.server_info = info
         return engine
 
     def close(self) -> None:
@@ -157,8 +181,9 @@ class Engine:
             raise ContextLengthError(
                 f"{positions} positions exceed the context window of {self.config.max_position_embeddings}")
         if self.norms.cos.shape[0] < positions:
-            self.norms.cos, self.norms.sin = rope_tables(self.config, positions, self.weights.rope_freq_factors)
-        return KVCache(self.config, positions)
+            cos, sin = rope_tables(self.config, positions, self.weights.rope_freq_factors)
+            self.norms.cos, self.norms.sin = cos.to(self.dtype), sin.to(self.dtype)
+        return KVCache(self.config, positions, self.dtype)
 
     @torch.inference_mode()
     def forward(self, ids: list[int] | torch.Tensor, start: int, cache: KVCache,
@@ -171,7 +196,7 @@ class Engine:
         if start + ids.numel() > cache.max_positions:
             raise ContextLengthError(f"positions up to {start + ids.numel()} exceed the cache of {cache.max_positions}")
         return forward(ids, start, self.config, self.norms, self.linears, cache, all_logits,
-                       self.offload_attention)
+                       self.offload_attention).float()
 
     # -- text --
 
@@ -261,6 +286,7 @@ def run_info(config: EngineConfig, server_info: dict, client: RpcClient) -> dict
     return {"model": str(resolve_model_path(config.model)), "fingerprint": server_info["fingerprint"],
             "transport": client.endpoint.transport, "endpoint": client.endpoint.url,
             "dtype": server_info["dtype"], "device": server_info["device"], "privacy": "plain",
+            "data_plane": client.data_plane,
             "offload_attention": config.offload_attention,
             "num_layers": server_info["config"]["num_layers"],
             "versions": {"teegpu": __version__, "torch": torch.__version__, "pyzmq": zmq.__version__,

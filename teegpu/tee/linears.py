@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from teegpu.errors import HandshakeError, ProtocolError
-from teegpu.model.weights import ModelWeights
+from teegpu.model.weights import WEIGHT_OF_OP, ModelWeights
 from teegpu.telemetry import RpcTelemetry
 from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op
 from teegpu.transport import RpcClient
@@ -17,18 +17,23 @@ from teegpu.transport import RpcClient
 class LocalLinears:
     """The TEE-only baseline: the trusted side multiplies by its own weights."""
 
-    def __init__(self, weights: ModelWeights):
-        self.weights = weights
+    def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
+        self.weights = {(op, layer): weights.for_op(op, layer).to(dtype)
+                        for op in WEIGHT_OF_OP for layer in ([-1] if op == Op.LM_HEAD else
+                                                             range(weights.config.num_layers))}
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weights.for_op(op, layer))
+        return F.linear(x, self.weights[op, layer])
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
 
 
 class RemoteLinears:
-    """Every product goes to the untrusted server; every reply is checked for shape and dtype."""
+    """Every product goes to the untrusted server; every reply is checked for shape and dtype.
+
+    Results come back in the wire dtype, which is also the trusted side's activation dtype.
+    """
 
     def __init__(self, client: RpcClient, weights: ModelWeights, wire_dtype: torch.dtype,
                  telemetry: RpcTelemetry | None = None):
@@ -48,13 +53,14 @@ class RemoteLinears:
 
     def _call(self, op: Op, layer: int, inputs, expected_shape) -> torch.Tensor:
         started = time.perf_counter_ns()
-        wire = [t.to(self.wire_dtype).contiguous() for t in inputs]
-        head, outputs = self.client.call(op, layer, wire, started_ns=started)
+        head, outputs = self.client.call(op, layer, inputs, dtype=self.wire_dtype, started_ns=started)
         if len(outputs) != 1 or tuple(outputs[0].shape) != expected_shape or outputs[0].dtype != self.wire_dtype:
             got = [(str(t.dtype), list(t.shape)) for t in outputs]
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"server replied {got} to {op.name} layer {layer}, "
                                 f"expected {self.wire_dtype} {list(expected_shape)}")
-        out = outputs[0].float()
+        out = outputs[0]
+        if self.client.shm is not None:  # the region is reused (and writable by the server): copy out
+            out = out.clone()
         stamps = self.client.last_stamps
         self.telemetry.record(op.name, layer, (*stamps[:5], time.perf_counter_ns()), head.compute_ns,
                               head.queue_ns, *self.client.last_sizes)

@@ -32,3 +32,17 @@ def private_endpoint() -> str:
     """A fresh ipc:// path only this user can reach, for a server we spawn."""
     path = os.path.join(tempfile.gettempdir(), f"teegpu-{os.getpid()}-{secrets.token_hex(4)}.sock")
     return f"ipc://{path}"
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def same_host_reason(endpoint: Endpoint) -> str | None:
+    """Why a shared-memory region cannot reach this endpoint's server, or None if it can."""
+    if endpoint.transport == "tcp":
+        host = endpoint.url.partition("://")[2].rpartition(":")[0]
+        if host not in LOCAL_HOSTS:
+            return f"the server at {host} is not known to be on this host (use a loopback address)"
+    if not os.path.isdir("/dev/shm"):
+        return "this machine has no /dev/shm"
+    return None

@@ -3,17 +3,30 @@
 Follows the ZeroMQ guide's Lazy Pirate client: a DEALER socket, replies matched on
 the request id (late replies to an abandoned request are dropped), LINGER 0, and the
 socket reopened after a timeout so that nothing stale is left queued.
+
+With `data_plane="shm"` the tensors go through a region under /dev/shm and only the
+header crosses the socket (see shm_region.py); a message too large for the region
+goes inline, and a server that cannot map the region (another host) means sockets,
+said once on stderr.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
+import torch
 import zmq
 
-from teegpu.errors import ServerError, ServerUnavailable
-from teegpu.protocol import ErrorCode, decode_header, encode_header, tensor_frame, tensors_from_frames
-from teegpu.transport.endpoint import parse_endpoint
+from teegpu.errors import ConfigError, ProtocolError, ServerError, ServerUnavailable
+from teegpu.protocol import (
+    ALIGN, FLAG_SHM, ErrorCode, Op, TensorDesc, decode_header, encode_header, shm_offsets, tensor_frame,
+    tensors_from_frames,
+)
+from teegpu.transport.endpoint import parse_endpoint, same_host_reason
+from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
+
+DATA_PLANES = ("socket", "shm")
 
 
 @dataclass(slots=True)
@@ -29,9 +42,12 @@ class RpcStats:
 
 
 class RpcClient:
-    def __init__(self, endpoint: str, timeout_ms: int = 60_000, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout_ms: int = 60_000, context: zmq.Context | None = None,
+                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES):
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+        if data_plane not in DATA_PLANES:
+            raise ConfigError(f"data plane {data_plane!r}: choose one of {DATA_PLANES}")
         self.endpoint = parse_endpoint(endpoint)
         self.timeout_ms = timeout_ms
         self.stats = RpcStats()
@@ -40,18 +56,40 @@ class RpcClient:
         self.last_stamps: tuple[int, ...] = (0,) * 6
         self.last_sizes = (0, 0)
         self._socket: zmq.Socket | None = None
+        self.shm: ShmRegion | None = None
+        self._attached = False
+        if data_plane == "shm":
+            reason = same_host_reason(self.endpoint)
+            if reason is None:
+                self.shm = ShmRegion.create(shm_bytes)
+            else:
+                self._fall_back(reason)
         self._open()
+
+    @property
+    def data_plane(self) -> str:
+        return "shm" if self.shm is not None else "socket"
+
+    def _fall_back(self, reason: str) -> None:
+        print(f"teegpu: shared-memory data plane unavailable: {reason}; using sockets", file=sys.stderr, flush=True)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
 
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint.url)
         self._socket = sock
+        self._attached = False  # the server knows regions by socket identity
 
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
 
     def __enter__(self) -> "RpcClient":
         return self
@@ -59,44 +97,89 @@ class RpcClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, op: int, layer: int, tensors=(), *, header: bytes | None = None, frames=None,
-             started_ns: int | None = None):
+    def _attach(self) -> None:
+        """Tell the server the name of our region; fall back to sockets if it cannot map it."""
+        self._attached = True
+        try:
+            self.call(Op.ATTACH_SHM, 0, frames=[self.shm.name.encode()])
+        except ServerError as e:
+            if e.code not in (ErrorCode.BAD_SHM, ErrorCode.UNKNOWN_METHOD):
+                raise
+            self._fall_back(f"the server cannot map it ({e})")
+
+    def call(self, op: int, layer: int, tensors=(), *, dtype: torch.dtype | None = None,
+             header: bytes | None = None, frames=None, started_ns: int | None = None):
         """Send one request and wait for its reply.
 
-        Returns (header, payload) where payload is a list of tensors, or the bytes
-        of the HELLO reply. `header`/`frames` override the encoded request: tests use
-        them to send malformed messages. Afterwards `last_stamps` holds perf_counter_ns
-        at start, serialized, sent, reply ready, received, deserialized; `last_sizes`
-        the bytes sent and received.
+        Tensors are sent as `dtype` when given (the conversion is part of the copy into
+        the message). Returns (header, payload) where payload is a list of tensors, or
+        the bytes of the HELLO reply. Reply tensors may be views of the shared region,
+        valid until the next call: copy what you keep. `header`/`frames` override the
+        encoded request: tests use them to send malformed messages. Afterwards
+        `last_stamps` holds perf_counter_ns at start, serialized, sent, reply ready,
+        received, deserialized; `last_sizes` the bytes sent and received (tensor bytes
+        count whichever plane carried them).
         """
         t0 = started_ns or time.perf_counter_ns()
+        if self.shm is not None and not self._attached and op != Op.ATTACH_SHM:
+            self._attach()
         rid = self._next_id
         self._next_id += 1
-        tensors = list(tensors)
-        head = header if header is not None else encode_header(op, rid, layer, tensors)
-        body = frames if frames is not None else [tensor_frame(t) for t in tensors]
+        descs = [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors]
+        flags, request_end = 0, 0
+        if header is not None:
+            head, body = header, list(frames or ())
+        elif self.shm is not None and descs:
+            offsets, request_end = shm_offsets(descs)
+            if request_end <= self.shm.size:
+                flags = FLAG_SHM
+                for t, d, off in zip(tensors, descs, offsets):
+                    self.shm.tensor(off, d.dtype, d.shape).copy_(t)
+        if header is None:
+            head = encode_header(op, rid, layer, descs, flags=flags)
+            if flags:
+                body = []
+            else:
+                body = list(frames) if frames is not None else [
+                    tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
         t1 = time.perf_counter_ns()
         self._socket.send_multipart([head, *body], copy=False)
         t2 = time.perf_counter_ns()
-        sent = len(head) + sum(memoryview(b).nbytes for b in body)
+        sent = len(head) + sum(memoryview(b).nbytes for b in body) + (request_end if flags else 0)
         reply, t3 = self._wait_reply(rid if header is None else None, op)
         t4 = time.perf_counter_ns()
         rhead = decode_header(reply[0].buffer)
         received = sum(f.buffer.nbytes for f in reply)
+        if rhead.status != ErrorCode.OK:
+            self._count(sent, received)
+            message = bytes(reply[1].buffer).decode("utf-8", "replace") if len(reply) > 1 else ""
+            raise ServerError(rhead.status, message)
+        if rhead.op in (Op.HELLO, Op.ATTACH_SHM):  # one JSON / text frame
+            payload = bytes(reply[1].buffer) if len(reply) > 1 else b""
+        elif rhead.flags & FLAG_SHM:
+            payload = self._shm_reply(rhead, request_end if flags else 0, len(reply))
+            received += sum(d.nbytes for d in rhead.tensors)
+        else:
+            payload = tensors_from_frames(rhead.tensors, reply[1:])
+        self._count(sent, received)
+        self.last_stamps = (t0, t1, t2, t3, t4, time.perf_counter_ns())
+        return rhead, payload
+
+    def _count(self, sent: int, received: int) -> None:
         st = self.stats
         st.calls += 1
         st.bytes_sent += sent
         st.bytes_received += received
         self.last_sizes = (sent, received)
-        if rhead.status != ErrorCode.OK:
-            message = bytes(reply[1].buffer).decode("utf-8", "replace") if len(reply) > 1 else ""
-            raise ServerError(rhead.status, message)
-        if rhead.op == 0:  # HELLO: one JSON frame
-            payload = bytes(reply[1].buffer) if len(reply) > 1 else b""
-        else:
-            payload = tensors_from_frames(rhead.tensors, reply[1:])
-        self.last_stamps = (t0, t1, t2, t3, t4, time.perf_counter_ns())
-        return rhead, payload
+
+    def _shm_reply(self, rhead, request_end: int, nframes: int) -> list[torch.Tensor]:
+        """Views of the reply's tensors, which the server placed after our request."""
+        start = -(-request_end // ALIGN) * ALIGN
+        offsets, end = shm_offsets(rhead.tensors, start)
+        if self.shm is None or not request_end or nframes != 1 or end > self.shm.size:
+            raise ProtocolError(ErrorCode.BAD_SHM, f"server put a reply of {end - start} bytes in the shared "
+                                "region where none was expected or it does not fit")
+        return [self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(rhead.tensors, offsets)]
 
     def _wait_reply(self, rid: int | None, op: int) -> tuple[list, int]:
         """The matching reply and the perf_counter_ns at which it was ready to read."""

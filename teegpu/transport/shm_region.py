@@ -1,0 +1,86 @@
+"""The shared-memory data plane: one plain file under /dev/shm per client, mapped MAP_SHARED.
+
+The client creates the file, writes request tensors into it and sends only the header
+over ZeroMQ; the server maps the same file by name and writes its reply after the
+request. Plain files directly under /dev/shm, opened and mmapped MAP_SHARED, are what
+Gramine's `untrusted_shm` mount lets an enclave share with the host, so the same code
+runs inside SGX. Everything in the region is visible to (and writable by) the server:
+the client copies each reply out before it uses it.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+
+import torch
+
+SHM_DIR = "/dev/shm"
+NAME_PATTERN = re.compile(r"teegpu-[A-Za-z0-9_-]{1,64}\Z")
+MIN_BYTES = 1 << 12
+MAX_BYTES = 1 << 34
+DEFAULT_BYTES = 64 << 20  # a 512-token prefill of SmolLM2 needs < 8 MB; larger messages go inline
+
+
+class ShmRegion:
+    """A mapped file under SHM_DIR and a byte tensor over all of it."""
+
+    def __init__(self, name: str, fd: int, size: int, owner: bool):
+        self.name, self.size, self.owner = name, size, owner
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    @classmethod
+    def create(cls, size: int = DEFAULT_BYTES) -> "ShmRegion":
+        """A fresh region only this user can open (the client's side)."""
+        if not MIN_BYTES <= size <= MAX_BYTES:
+            raise ValueError(f"shared region of {size} bytes: choose {MIN_BYTES}..{MAX_BYTES}")
+        name = f"teegpu-{os.getpid()}-{secrets.token_hex(8)}"
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            os.unlink(os.path.join(SHM_DIR, name))
+            raise
+        return cls(name, fd, size, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> "ShmRegion":
+        """Map a client's region by name (the server's side); raise ValueError naming the problem."""
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"shared region name {name!r} is not of the form teegpu-NAME directly under {SHM_DIR}")
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ValueError(f"cannot open {SHM_DIR}/{name}: {e.strerror} (is the client on another host?)") from e
+        size = os.fstat(fd).st_size
+        if not MIN_BYTES <= size <= MAX_BYTES:
+            os.close(fd)
+            raise ValueError(f"{SHM_DIR}/{name} holds {size} bytes, outside {MIN_BYTES}..{MAX_BYTES}")
+        return cls(name, fd, size, owner=False)
+
+    def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A view of the region (no copy); offset must be aligned to the dtype."""
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
+        return self.bytes[offset:offset + n].view(dtype).view(shape)
+
+    def close(self) -> None:
+        """Unmap (once no view is left) and, on the creating side, remove the file."""
+        self.bytes = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with it
+        if self.owner:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.name))
+            except FileNotFoundError:
+                pass
+            self.owner = False
