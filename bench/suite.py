@@ -1,11 +1,13 @@
 """Every variant of the runtime and its baselines, measured side by side in one run.
 
     python -m bench [--tokens 128] [--prefill 128,512] [--repeats 3] [--dtypes float32,bfloat16]
-                    [--planes tcp,ipc,shm] [--transfer-mb 10] [--model PATH] [--json]
+                    [--planes tcp,ipc,shm] [--transfer-mb 10] [--no-privacy] [--model PATH] [--json]
 
 Columns, per dtype: monolithic transformers (`hf`), the TEE-only engine computing
-everything itself (`tee-only`), and the split runtime over each data plane; then the
-limits of this machine (raw pyzmq echo, memcpy). Repeats are interleaved across columns
+everything itself (`tee-only`), and the split runtime over each data plane; then, on the
+last plane in float32, the verified and the one-time-pad variants (`verify`, `otp`,
+`otp verify`; the pad pool is refilled between repeats, outside the timing, and its cost
+reported as offline ms per token); then the limits of this machine (raw pyzmq echo, memcpy). Repeats are interleaved across columns
 so that the machine's drift hits every column alike; cells are median (min).
 Threads: the monolithic and TEE-only columns use all cores; in the split the server
 uses all cores and the trusted side one (they take turns, never both busy).
@@ -36,7 +38,8 @@ from teegpu.tee.linears import LocalLinears
 from teegpu.transport import private_endpoint
 
 TEXT = Path(__file__).with_name("sample_text.txt")
-ROWS = ("prefill_{n}_ms", "decode_ms_per_token", "rpcs_per_token", "bytes_per_token", "rpc_overhead_us",
+ROWS = ("prefill_{n}_ms", "decode_ms_per_token", "server_ms_per_token", "transfer_ms_per_token",
+        "trusted_ms_per_token", "offline_ms_per_token", "rpcs_per_token", "bytes_per_token", "rpc_overhead_us",
         "transfer_ms")
 CORES = os.cpu_count() or 1
 
@@ -84,11 +87,17 @@ def engine_run(engine: Engine, ids: list[int], prefill: list[int], tokens: int, 
         cache = engine.new_cache(16 + tokens)
         token = int(engine.forward(ids[:16], 0, cache)[-1].argmax())
         before = engine.client.stats.as_dict() if engine.client else None
+        tel = engine.telemetry
+        rpc_ms, server_ms = (tel.totals["total_ms"], tel.totals["server_compute_ms"]) if tel else (0.0, 0.0)
         t0 = time.perf_counter()
         for i in range(tokens):
             token = int(engine.forward([token], 16 + i, cache)[-1].argmax())
         out["decode_ms_per_token"] = (time.perf_counter() - t0) * 1000 / tokens
-        if before is not None:
+        if before is not None:  # the decode step in three parts (the fourth, offline, is the pool's)
+            rpc_ms, server_ms = tel.totals["total_ms"] - rpc_ms, tel.totals["server_compute_ms"] - server_ms
+            out["server_ms_per_token"] = server_ms / tokens
+            out["transfer_ms_per_token"] = (rpc_ms - server_ms) / tokens
+            out["trusted_ms_per_token"] = out["decode_ms_per_token"] - rpc_ms / tokens
             after = engine.client.stats.as_dict()
             out["rpcs_per_token"] = (after["calls"] - before["calls"]) / tokens
             out["bytes_per_token"] = (after["bytes_sent"] + after["bytes_received"]
@@ -130,6 +139,23 @@ def split_column(engine: Engine, plane: str, dtype: str, ids, prefill, tokens, t
         out["transfer_ms"] = transfer_ms(engine.client, transfer_bytes)
 
     return Column(f"split {plane} {dtype}", dtype, run)
+
+
+def private_column(engine: Engine, name: str, ids, prefill, tokens) -> Column:
+    """Verified and/or padded: the online cost timed; pads for the whole run precomputed before."""
+    decode = engine_run(engine, ids, prefill, tokens, threads=1)
+    pool = getattr(engine.linears, "pool", None)
+    if pool is not None:
+        pool.close()  # no background refills while other columns are timed
+
+    def run(out: dict) -> None:
+        if pool is not None:
+            pool.refill()
+        decode(out)
+        if pool is not None:
+            out["offline_ms_per_token"] = pool.offline_ms_per_token()
+
+    return Column(name, "float32", run)
 
 
 # ---- the limits of this machine ----
@@ -180,7 +206,8 @@ def limits_column(transfer_bytes: int) -> Column:
 # ---- the run ----
 
 def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3, dtypes=("float32", "bfloat16"),
-            planes=("tcp", "ipc", "shm"), transfer_mb: float = 10.0, progress: bool = True) -> dict:
+            planes=("tcp", "ipc", "shm"), transfer_mb: float = 10.0, progress: bool = True,
+            privacy: bool = True) -> dict:
     tok = load_tokenizer(model)
     ids = tok(TEXT.read_text())["input_ids"]
     prefill = list(prefill)
@@ -202,6 +229,18 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
                                         data_plane="shm" if plane == "shm" else "socket")
                 engines.append(engine)
                 columns.append(split_column(engine, plane, dtype, ids, prefill, tokens, transfer_bytes))
+        if privacy:
+            plane = planes[-1]
+            for mode, verify in (("plain", True), ("otp", False), ("otp", True)):
+                endpoint = "tcp://127.0.0.1:*" if plane == "tcp" else private_endpoint()
+                server = ServerProcess(ServerConfig(model=model, endpoint=endpoint, privacy=mode))
+                servers.append(server)
+                engine = Engine.connect(weights, tok, server.wait_ready(), privacy=mode, verify=verify,
+                                        data_plane="shm" if plane == "shm" else "socket",
+                                        mask_pool_rows=sum(prefill) + 16 + tokens)
+                engines.append(engine)
+                name = f"{'otp' if mode == 'otp' else 'split'}{' verify' if verify else ''} {plane}"
+                columns.append(private_column(engine, name, ids, prefill, tokens))
         columns.append(limits_column(transfer_bytes))
         bar = tqdm(total=repeats * len(columns), desc="bench", unit="run", disable=not progress, file=sys.stderr)
         for _ in range(repeats):
@@ -237,8 +276,8 @@ def targets(res: dict) -> list[str]:
     for dtype in {c["dtype"] for c in cols.values() if c["dtype"]}:
         hf = cols.get(f"hf {dtype}")
         for name, c in cols.items():
-            if not name.startswith("split") or c["dtype"] != dtype:
-                continue
+            if not name.startswith("split") or c["dtype"] != dtype or "rpc_overhead_us" not in c:
+                continue  # the plain split columns (the verified ones have their own lines)
             r = c["decode_ms_per_token"]["median"] / hf["decode_ms_per_token"]["median"]
             lines.append(f"{name}: decode {r:.2f}x hf (target <= 1.10) {'met' if r <= 1.10 else 'MISSED'}")
             big = f"prefill_{max(res['prefill'])}_ms"
@@ -252,6 +291,17 @@ def targets(res: dict) -> list[str]:
             if " shm " in name:
                 r = c["transfer_ms"]["min"] / lim["memcpy_ms"]["min"]
                 lines.append(f"{name}: transfer {r:.2f}x memcpy (target <= 5) {'met' if r <= 5 else 'MISSED'}")
+    plain = next((n for n in cols if n.startswith("split") and n.endswith("float32")
+                  and n.split()[1] == next((c.split()[-1] for c in cols if c.startswith("otp ")), None)), None)
+    for name, c in cols.items():
+        if name.startswith("split verify") and plain:
+            r = c["decode_ms_per_token"]["median"] / cols[plain]["decode_ms_per_token"]["median"]
+            lines.append(f"{name}: decode {r:.2f}x {plain} (the cost of --verify in plain mode)")
+        if name.startswith("otp") and plain:
+            r = c["decode_ms_per_token"]["median"] / cols[plain]["decode_ms_per_token"]["median"]
+            lines.append(f"{name}: online decode {r:.2f}x {plain} (target <= 1.5) {'met' if r <= 1.5 else 'MISSED'}; "
+                         f"offline {c['offline_ms_per_token']['median']:.1f} ms/token vs hf float32 decode "
+                         f"{cols['hf float32']['decode_ms_per_token']['median']:.1f}")
     return sorted(lines)
 
 
@@ -261,6 +311,9 @@ def format_table(res: dict) -> str:
     names = list(cols)
     rows = [f"prefill_{n}_ms" for n in res["prefill"]] + list(ROWS[1:]) + ["memcpy_ms"]
     labels = {"decode_ms_per_token": f"decode ms/token ({res['tokens']})", "rpcs_per_token": "RPCs/token",
+              "offline_ms_per_token": "decode: offline (pads) ms/token",
+              "server_ms_per_token": "decode: server compute ms/token",
+              "transfer_ms_per_token": "decode: transfer ms/token", "trusted_ms_per_token": "decode: trusted ms/token",
               "bytes_per_token": "KB/token", "rpc_overhead_us": "small RPC us (limits: pyzmq echo)",
               "transfer_ms": f"{res['transfer_bytes'] / 1e6:g} MB one-way ms", "memcpy_ms":
               f"{res['transfer_bytes'] / 1e6:g} MB memcpy ms"}
@@ -296,6 +349,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--planes", default="tcp,ipc,shm")
     p.add_argument("--transfer-mb", type=float, default=10.0)
+    p.add_argument("--no-privacy", action="store_true", help="skip the verify / otp columns")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     args = p.parse_args(argv)
     for d in args.dtypes.split(","):
@@ -307,7 +361,8 @@ def main(argv=None) -> None:
     if args.tokens < 1 or args.repeats < 1:
         p.error("--tokens and --repeats must be at least 1")
     res = measure(args.model, args.tokens, [int(n) for n in args.prefill.split(",")], args.repeats,
-                  tuple(args.dtypes.split(",")), tuple(args.planes.split(",")), args.transfer_mb)
+                  tuple(args.dtypes.split(",")), tuple(args.planes.split(",")), args.transfer_mb,
+                  privacy=not args.no_privacy)
     if args.json:
         print(json.dumps(res))
         return

@@ -7,7 +7,7 @@ import sys
 
 from teegpu.errors import TeegpuError
 from teegpu.protocol import WIRE_DTYPES
-from teegpu.server.linear_server import DEVICES, ServerConfig
+from teegpu.server.linear_server import DEVICES, PRIVACY_MODES, ServerConfig
 from teegpu.transport import DATA_PLANES
 
 
@@ -22,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=tuple(WIRE_DTYPES), default="float32", help="weights and wire dtype")
     s.add_argument("--data-plane", choices=DATA_PLANES, default="shm",
                    help="shm (default): clients on this host may pass tensors through /dev/shm; socket: refuse")
+    s.add_argument("--privacy", choices=PRIVACY_MODES, default="plain",
+                   help="otp: int16 weights, accept only one-time-padded int64 activations")
+    s.add_argument("--curve-secret", metavar="KEY_SECRET", help="CURVE: this server's NAME.key_secret")
+    s.add_argument("--curve-allow", metavar="DIR", help="CURVE: directory of the client public keys to accept")
     s.add_argument("--busy-poll-us", type=int, default=0,
                    help="after each reply, poll this long without sleeping (pays on hosts with idle cores)")
 
@@ -43,8 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout-ms", type=int, default=60_000, help="deadline of each request")
     g.add_argument("--threads", type=int, help="torch threads of the trusted side (default: 1 with a server)")
     g.add_argument("--offload-attention", action="store_true", help="plaintext Q*K^T and P*V on the server")
+    g.add_argument("--privacy", choices=PRIVACY_MODES, default="plain",
+                   help="otp: the server sees only one-time-padded integers (docs/security.md)")
+    g.add_argument("--verify", action="store_true", help="Freivalds' check on every product the server returns")
+    g.add_argument("--mask-pool-rows", type=int, default=32, help="otp: pads precomputed per weight")
+    g.add_argument("--model-sha256", metavar="HEX", help="refuse a model file with another SHA-256")
+    g.add_argument("--curve-secret", metavar="KEY_SECRET", help="CURVE to --server: this client's NAME.key_secret")
+    g.add_argument("--curve-server-key", metavar="KEY", help="CURVE: the pinned server's public NAME.key")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--rpc-log", metavar="PATH", help="write one JSON Lines record per RPC (teegpu analyze reads it)")
+    k = sub.add_parser("keys", help="generate a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    k.add_argument("directory")
+    k.add_argument("--name", default="teegpu", help="file name stem (e.g. server, client-1)")
     a = sub.add_parser("analyze", help="statistics, findings and charts from an --rpc-log file")
     a.add_argument("log")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON")
@@ -75,7 +89,8 @@ def run_serve(args) -> int:
     from teegpu.server.linear_server import serve
 
     serve(ServerConfig(model=args.model, endpoint=args.endpoint, device=args.device, dtype=args.dtype,
-                       data_plane=args.data_plane, busy_poll_us=args.busy_poll_us))
+                       data_plane=args.data_plane, busy_poll_us=args.busy_poll_us, privacy=args.privacy,
+                       curve_secret=args.curve_secret, curve_allow=args.curve_allow))
     return 0
 
 
@@ -84,7 +99,9 @@ def run_generate(args) -> int:
 
     config = EngineConfig(model=args.model, server=args.server, local=args.local, dtype=args.dtype,
                           device=args.device, data_plane=args.data_plane, timeout_ms=args.timeout_ms, offload_attention=args.offload_attention,
-                          rpc_log=args.rpc_log, threads=args.threads)
+                          rpc_log=args.rpc_log, threads=args.threads, privacy=args.privacy, verify=args.verify,
+                          mask_pool_rows=args.mask_pool_rows, model_sha256=args.model_sha256,
+                          curve_secret=args.curve_secret, curve_server_key=args.curve_server_key)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=args.seed)
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -106,10 +123,18 @@ def run_generate(args) -> int:
     return 0
 
 
+def run_keys(args) -> int:
+    from teegpu.transport import generate_keys
+
+    public, secret = generate_keys(args.directory, args.name)
+    print(f"wrote {public} (public: give it to the peer) and {secret} (secret: keep it, mode 0600)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": run_serve, "generate": run_generate, "analyze": run_analyze}[args.command](args)
+        return {"serve": run_serve, "generate": run_generate, "analyze": run_analyze, "keys": run_keys}[args.command](args)
     except TeegpuError as e:
         print(f"teegpu: error: {e}", file=sys.stderr)
         return 2

@@ -40,3 +40,11 @@ class ServerUnavailable(TeegpuError):
 
 class HandshakeError(TeegpuError):
     """The server speaks another protocol version or serves other weights."""
+
+
+class IntegrityError(TeegpuError):
+    """A result from the server failed verification: generation stops, nothing computed from it is emitted."""
+
+    def __init__(self, op: str, layer: int, reason: str):
+        super().__init__(f"{op} layer {layer}: {reason}")
+        self.op, self.layer, self.reason = op, layer, reason

@@ -19,9 +19,11 @@ class ServerProcess:
     def __init__(self, config: ServerConfig, extra_env: dict | None = None):
         cmd = [sys.executable, "-m", "teegpu.cli", "serve", "--endpoint", config.endpoint,
                "--device", config.device, "--dtype", config.dtype, "--data-plane", config.data_plane,
-               "--busy-poll-us", str(config.busy_poll_us)]
+               "--busy-poll-us", str(config.busy_poll_us), "--privacy", config.privacy]
         if config.model is not None:
             cmd += ["--model", str(config.model)]
+        if config.curve_secret is not None:
+            cmd += ["--curve-secret", config.curve_secret, "--curve-allow", config.curve_allow]
         env = {**os.environ, **(extra_env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.endpoint: str | None = None

@@ -16,9 +16,11 @@ TRANSPORTS = {"tcp": lambda: "tcp://127.0.0.1:*", "ipc": private_endpoint}
 VARIANTS = ("tcp", "ipc", "shm")
 
 
-def connect_engine(weights, tokenizer, servers, variant: str, dtype: str = "float32", **kw) -> Engine:
+def connect_engine(weights, tokenizer, servers, variant: str, dtype: str = "float32", privacy: str = "plain",
+                   **kw) -> Engine:
     """An engine on the session's loaded model, talking to the shared server of that variant."""
-    endpoint = servers("ipc" if variant == "shm" else variant, dtype)
+    endpoint = servers("ipc" if variant == "shm" else variant, dtype, privacy)
+    kw["privacy"] = privacy
     return Engine.connect(weights, tokenizer, endpoint, data_plane="shm" if variant == "shm" else "socket", **kw)
 
 
@@ -59,10 +61,10 @@ def smollm2_servers():
     """One real server process per transport, started on first use."""
     procs: dict[str, ServerProcess] = {}
 
-    def get(transport: str, dtype: str = "float32") -> str:
-        key = f"{transport}-{dtype}"
+    def get(transport: str, dtype: str = "float32", privacy: str = "plain") -> str:
+        key = f"{transport}-{dtype}-{privacy}"
         if key not in procs:
-            procs[key] = ServerProcess(ServerConfig(endpoint=TRANSPORTS[transport](), dtype=dtype))
+            procs[key] = ServerProcess(ServerConfig(endpoint=TRANSPORTS[transport](), dtype=dtype, privacy=privacy))
         return procs[key].wait_ready()
 
     yield get

@@ -22,14 +22,23 @@ def test_side_by_side_bench_runs_every_column(tiny_model_dir):
                         progress=False)
     cols = res["columns"]
     splits = [f"split {p} {d}" for d in ("float32", "bfloat16") for p in ("tcp", "ipc", "shm")]
-    assert set(cols) == {"hf float32", "hf bfloat16", "tee-only float32", "tee-only bfloat16", "limits", *splits}
+    private = ["split verify shm", "otp shm", "otp verify shm"]
+    assert set(cols) == {"hf float32", "hf bfloat16", "tee-only float32", "tee-only bfloat16", "limits", *splits,
+                         *private}
+    for name in private:
+        assert cols[name]["rpcs_per_token"]["median"] == 13 and cols[name]["decode_ms_per_token"]["min"] > 0
+    assert cols["otp shm"]["offline_ms_per_token"]["min"] > 0
     for name in splits:
         c = cols[name]
         assert c["rpcs_per_token"]["median"] == res["expected_rpcs_per_token"] == 4 * 3 + 1
         assert c["bytes_per_token"]["median"] > 0
         assert all(c[k]["min"] > 0 for k in ("prefill_8_ms", "prefill_16_ms", "decode_ms_per_token",
-                                             "rpc_overhead_us", "transfer_ms"))
+                                             "rpc_overhead_us", "transfer_ms", "server_ms_per_token",
+                                             "transfer_ms_per_token"))
+        assert 0 < c["trusted_ms_per_token"]["min"] < c["decode_ms_per_token"]["min"]
     assert cols["limits"]["memcpy_ms"]["min"] > 0 and cols["limits"]["rpc_overhead_us"]["min"] > 0
     table = suite.format_table(res)
     assert all(name in table for name in cols) and "x memcpy" in table
-    assert sum("decode" in line for line in suite.targets(res)) == len(splits)
+    lines = suite.targets(res)
+    assert sum(": decode " in line for line in lines) == len(splits) + 1  # and the cost of plain --verify
+    assert sum("online decode" in line for line in lines) == 2

@@ -13,10 +13,17 @@ def test_generate_json_answers_from_two_processes():
     result = json.loads(out.stdout)
     assert "Paris" in result["text"]
     assert 0 < len(result["token_ids"]) <= 20 and result["prompt_tokens"] > 10
-    assert set(result["timings"]) == {"load_s", "prefill_ms", "decode_ms_per_token"}
+    assert set(result["timings"]) == {"load_s", "prefill_ms", "decode_ms_per_token", "trusted_ms"}
     forwards = len(result["token_ids"]) + (result["finish_reason"] == "stop")
     assert result["rpc"]["calls"] == 121 * forwards  # 4 x 30 layers + LM head, per forward
     assert "teegpu server stopped" in out.stderr  # the private server was started and stopped
+    otp = subprocess.run(CLI + ["generate", "--chat", "What is the capital of France?", "--max-new-tokens", "20",
+                                "--json", "--privacy", "otp", "--verify"], capture_output=True, text=True, timeout=600)
+    assert otp.returncode == 0, otp.stderr
+    padded = json.loads(otp.stdout)
+    assert padded["token_ids"] == result["token_ids"]  # the same greedy answer through one-time pads
+    assert padded["timings"]["offline_ms_per_token"] > 0 and "mask pool 121/121" in otp.stderr
+    assert padded["rpc"]["calls"] == result["rpc"]["calls"]
 
 
 def test_streams_text_to_the_terminal():

@@ -52,3 +52,25 @@ def test_corrupt_safetensors(tmp_path, tiny_model_dir):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json}")
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_weights(tmp_path)
+
+
+def test_model_sha256_pin(tiny_model_dir):
+    import hashlib
+    import subprocess
+    import sys
+
+    from teegpu.errors import ConfigError
+    from teegpu.model.loading import default_model_path, verify_model_sha256
+
+    path = default_model_path()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    verify_model_sha256(None, digest.upper())  # the right file passes (hex case does not matter)
+    with pytest.raises(ModelLoadError, match="expected"):
+        verify_model_sha256(None, "0" * 64)
+    with pytest.raises(ConfigError, match="64 hex digits"):
+        verify_model_sha256(None, "abc")
+    with pytest.raises(ConfigError, match="directory"):
+        verify_model_sha256(str(tiny_model_dir), digest)
+    out = subprocess.run([sys.executable, "-m", "teegpu.cli", "generate", "--local", "hi", "--model-sha256",
+                          "1" * 64], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "refusing a different model file" in out.stderr

@@ -77,6 +77,11 @@ def test_real_run_records_every_rpc(tmp_path, smollm2, smollm2_servers):
     assert breakdown["total_ms"] == pytest.approx(sum(r["total_ms"] for r in data.records), rel=1e-3)
     rep = analyze(data)
     assert rep["calls_per_token"] == 121
+    (gen,) = data.generations  # the time split of the generation, after its RPC lines
+    split = gen["time_split_ms"]
+    assert gen["tokens"] == 6 and split["offline"] == 0  # plain mode: no pads
+    assert split["transfer"] + split["server_compute"] == pytest.approx(breakdown["total_ms"], rel=1e-3)
+    assert split["trusted_compute"] > 0
 
 
 def test_plot_is_a_readable_png(tmp_path, smollm2, smollm2_servers):

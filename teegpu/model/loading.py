@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from teegpu.errors import ModelLoadError
+from teegpu.errors import ConfigError, ModelLoadError
 from teegpu.model.config import ModelConfig, RopeConfig
 from teegpu.model.weights import ModelWeights
 
@@ -68,6 +68,20 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_model_sha256(model: str | os.PathLike | None, expected: str) -> None:
+    """Refuse a model file whose SHA-256 is not the expected one (the trusted side's pin)."""
+    expected = expected.strip().lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise ConfigError(f"--model-sha256 {expected!r} is not 64 hex digits")
+    path = resolve_model_path(model)
+    if path.is_dir():
+        raise ConfigError(f"--model-sha256 pins one file; {path} is a directory (use a GGUF file)")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ModelLoadError(f"{path} has SHA-256 {actual}, expected {expected}: refusing a different model file")
+    log(f"model file SHA-256 verified ({actual[:16]}...)")
 
 
 def load_weights(model: str | os.PathLike | None) -> ModelWeights:

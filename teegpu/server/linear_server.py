@@ -18,9 +18,11 @@ from teegpu.protocol import (
     ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op, TensorDesc,
     decode_header, encode_header, shm_offsets, tensor_frame, tensors_from_frames,
 )
-from teegpu.transport import DATA_PLANES, ServerSocket, ShmRegion
+from teegpu.ring import RingWeight, quantize_linears, ring_fingerprint, ring_matmul
+from teegpu.transport import DATA_PLANES, ServerCurve, ServerSocket, ShmRegion
 
 DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_MODES = ("plain", "otp")
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 
 
@@ -35,8 +37,15 @@ class ServerConfig:
     # tens of microseconds. On a 2-core host it steals the client's core (BENCHMARKS.md).
     busy_poll_us: int = 0
     data_plane: str = "shm"  # "shm": clients on this host may attach a shared region; "socket": refuse
+    privacy: str = "plain"  # "otp": integer weights, only padded int64 activations accepted
+    curve_secret: str | None = None  # CURVE: this server's NAME.key_secret; needs curve_allow
+    curve_allow: str | None = None  # CURVE: directory of the client public keys it accepts
 
     def __post_init__(self):
+        if (self.curve_secret is None) != (self.curve_allow is None):
+            raise ConfigError("CURVE needs both the server's secret key and the client allow list")
+        if self.privacy not in PRIVACY_MODES:
+            raise ConfigError(f"privacy {self.privacy!r}: choose one of {PRIVACY_MODES}")
         if self.data_plane not in DATA_PLANES:
             raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
         if self.busy_poll_us < 0:
@@ -58,16 +67,26 @@ def pick_device(device: str) -> torch.device:
 class LinearServer:
     """Holds the fused linear weights on the device and answers one request at a time."""
 
-    def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True):
+    def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True,
+                 privacy: str = "plain"):
         self.config = weights.config
         self.allow_shm = allow_shm
         self.fingerprint = weights.fingerprint
+        self.privacy = privacy
+        self.ring_fingerprint = None
+        self.weights: dict = {}  # (op, layer) -> weight tensor, or RingWeight in otp mode
+        if privacy == "otp":  # exact products in Z/2^64: int8 GEMMs on byte digits and weight halves
+            dtype = torch.int64
+            quantized = quantize_linears(weights)
+            self.ring_fingerprint = ring_fingerprint(quantized)
+            for key, (q, _) in quantized.items():
+                self.weights[key] = RingWeight(q).to(device)
+        else:
+            for op in WEIGHT_OF_OP:
+                for layer in [-1] if op == Op.LM_HEAD else range(weights.config.num_layers):
+                    self.weights[op, layer] = weights.for_op(op, layer).to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
-        cfg = weights.config
-        self.weights: dict[tuple[int, int], torch.Tensor] = {}
-        for op in WEIGHT_OF_OP:
-            for layer in [-1] if op == Op.LM_HEAD else range(cfg.num_layers):
-                self.weights[op, layer] = weights.for_op(op, layer).to(device=device, dtype=dtype)
+        self.shapes = {key: tuple(weights.for_op(*key).shape) for key in self.weights}  # (d_out, d_in)
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
 
@@ -77,6 +96,8 @@ class LinearServer:
             "fingerprint": self.fingerprint,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "privacy": self.privacy,
+            "ring_fingerprint": self.ring_fingerprint,
             "config": self.config.to_dict(),
         }).encode()
 
@@ -155,11 +176,13 @@ class LinearServer:
         for t in inputs:
             if t.dtype != self.dtype:
                 raise ProtocolError(ErrorCode.BAD_DTYPE, f"{op.name}: dtype {t.dtype}, server serves {self.dtype}")
+        if op in ATTENTION_OPS and self.privacy == "otp":
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"{op.name}: attention is never offloaded in otp mode")
         if op in ATTENTION_OPS:
             self._validate_attention(op, *inputs)
             return
         x = inputs[0]
-        d_in = self.weights[op, layer].shape[1]
+        d_in = self.shapes[op, layer][1]
         if x.dim() != 2 or x.shape[1] != d_in or x.shape[0] > MAX_ROWS:
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"{op.name}: input shape {list(x.shape)}, expected [T, {d_in}]")
 
@@ -177,11 +200,17 @@ class LinearServer:
         if op in ATTENTION_OPS:
             a, b = inputs
             return (a.shape[0], a.shape[1], b.shape[2])
-        return (inputs[0].shape[0], self.weights[op, layer].shape[0])
+        return (inputs[0].shape[0], self.shapes[op, layer][0])
 
     @torch.inference_mode()
     def _compute(self, op: Op, layer: int, inputs: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         """The product, written into `out` (a view of the shared region) when given."""
+        if self.privacy == "otp":
+            result = ring_matmul(inputs[0].to(self.device), self.weights[op, layer]).cpu()
+            if out is not None:
+                out.copy_(result)
+                return out
+            return result
         on_cpu = self.device.type == "cpu"
         xs = inputs if on_cpu else [t.to(self.device, non_blocking=True) for t in inputs]
         if op in ATTENTION_OPS:
@@ -220,15 +249,17 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
     """Load the model, bind, print the endpoint once ready, serve until SIGINT/SIGTERM or `stop`."""
     device = pick_device(config.device)
     weights = load_weights(config.model)
-    server = LinearServer(weights, device, WIRE_DTYPES[config.dtype], allow_shm=config.data_plane == "shm")
+    server = LinearServer(weights, device, WIRE_DTYPES[config.dtype], allow_shm=config.data_plane == "shm",
+                          privacy=config.privacy)
     del weights
-    sock = ServerSocket(config.endpoint)
+    curve = ServerCurve(config.curve_secret, config.curve_allow) if config.curve_secret else None
+    sock = ServerSocket(config.endpoint, curve=curve)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype}, "
-          f"data plane {config.data_plane})", flush=True)
+          f"data plane {config.data_plane}, privacy {config.privacy}, curve {'on' if curve else 'off'})", flush=True)
     if ready is not None:
         ready(sock.bound_url)
     try:

@@ -11,14 +11,15 @@ import torch
 
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, Norms, forward, rope_tables
-from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path
+from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import WIRE_DTYPES
-from teegpu.server.linear_server import DEVICES, ServerConfig
+from teegpu.server.linear_server import DEVICES, PRIVACY_MODES, ServerConfig
 from teegpu.server_process import ServerProcess
-from teegpu.tee.linears import LocalLinears, RemoteLinears, handshake
+from teegpu.tee.linears import LocalLinears, handshake, open_linears
 from teegpu.tee.sampling import sample
-from teegpu.transport import DATA_PLANES, RpcClient, private_endpoint
+from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
+from teegpu.transport import DATA_PLANES, ClientCurve, RpcClient, private_endpoint
 
 
 @dataclass(slots=True)
@@ -34,10 +35,16 @@ class EngineConfig:
     timeout_ms: int = 60_000  # deadline of each request
     offload_attention: bool = False  # plaintext Q*K^T and P*V on the server (the seed's schedule)
     rpc_log: str | None = None  # JSON Lines file: one record per RPC (see teegpu analyze)
+    privacy: str = "plain"  # "otp": the server sees only one-time-padded integers (docs/security.md)
+    verify: bool = False  # Freivalds' check on every product before it is used
+    mask_pool_rows: int = 32  # otp: pads kept ready per weight (a prompt of more tokens stalls once)
     # torch intra-op threads of the trusted side. None: 1 with a server (its work is small, and
     # idle OpenMP workers spinning here steal the cores the server's products need; measured
     # in BENCHMARKS.md), torch's default when local.
     threads: int | None = None
+    model_sha256: str | None = None  # refuse a model file with another SHA-256
+    curve_secret: str | None = None  # CURVE to `server`: this client's NAME.key_secret
+    curve_server_key: str | None = None  # CURVE: the pinned server's NAME.key
 
     def __post_init__(self):
         if self.timeout_ms <= 0:
@@ -48,6 +55,19 @@ class EngineConfig:
             raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
         if self.data_plane not in DATA_PLANES:
             raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
+        if self.privacy not in PRIVACY_MODES:
+            raise ConfigError(f"privacy {self.privacy!r}: choose one of {PRIVACY_MODES}")
+        if self.privacy == "otp" and self.offload_attention:
+            raise ConfigError("--offload-attention sends Q*K^T and P*V in clear: it cannot be combined with "
+                              "--privacy otp")
+        if self.privacy == "otp" and self.local:
+            raise ConfigError("--privacy otp pads what goes to a server; local (TEE-only) mode has none")
+        if self.mask_pool_rows < 1:
+            raise ConfigError(f"mask_pool_rows must be at least 1, got {self.mask_pool_rows}")
+        if (self.curve_secret is None) != (self.curve_server_key is None):
+            raise ConfigError("CURVE needs both this client's secret key and the server's public key")
+        if self.curve_secret is not None and self.server is None:
+            raise ConfigError("CURVE keys secure a connection to --server; a private server needs none")
         if self.local and self.server:
             raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
         if self.threads is not None and self.threads < 1:
@@ -114,25 +134,32 @@ class Engine:
     def open(cls, config: EngineConfig) -> "Engine":
         """Load the model on the trusted side and connect to (or start) the GPU server."""
         start = time.monotonic()
+        if config.server is None and not config.local and under_gramine():
+            raise ConfigError("inside Gramine the GPU server runs on the host: start `teegpu serve` there and "
+                              "pass --server tcp://HOST:PORT")
+        if config.model_sha256 is not None:
+            verify_model_sha256(config.model, config.model_sha256)
         if config.threads is not None or not config.local:
             torch.set_num_threads(config.threads or 1)
         proc = None
         if not config.local and config.server is None:  # start it first: it loads while we do
             proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
-                                              device=config.device, dtype=config.dtype))
+                                              device=config.device, dtype=config.dtype, privacy=config.privacy))
         engine = None
         try:
             weights = load_weights(config.model)
             tokenizer = load_tokenizer(config.model)
             stop_ids = generation_eos_ids(config.model)
+            curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
             if config.local:
                 dtype = WIRE_DTYPES[config.dtype]
                 engine = cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
                              offload_attention=config.offload_attention, stop_ids=stop_ids)
             else:
                 engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
-                                     data_plane=config.data_plane, offload_attention=config.offload_attention,
-                                     stop_ids=stop_ids)
+                                     data_plane=config.data_plane, privacy=config.privacy, verify=config.verify,
+                                     mask_pool_rows=config.mask_pool_rows, curve=curve,
+                                     offload_attention=config.offload_attention, stop_ids=stop_ids)
                 engine.server_process = proc
                 if config.rpc_log:
                     engine.telemetry.open(config.rpc_log, run_info(config, engine.server_info, engine.client))
@@ -147,20 +174,25 @@ class Engine:
 
     @classmethod
     def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = 60_000,
-                data_plane: str = "socket", **kw) -> "Engine":
+                data_plane: str = "socket", privacy: str = "plain", verify: bool = False,
+                mask_pool_rows: int = 32, curve: ClientCurve | None = None, **kw) -> "Engine":
         """An engine on already loaded weights, using the server at `endpoint` after a handshake."""
-        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane)
+        check_endpoint_reachable(endpoint)
+        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve)
         try:
-            info = handshake(client, weights)
+            info = handshake(client, weights, privacy)
+            linears = open_linears(client, weights, info, privacy, verify, mask_pool_rows)
         except BaseException:
             client.close()
             raise
-        dtype = WIRE_DTYPES[info["dtype"]]
-        engine = cls(weights, tokenizer, RemoteLinears(client, weights, dtype), dtype=dtype, client=client, **kw)
+        dtype = torch.float32 if privacy == "otp" else WIRE_DTYPES[info["dtype"]]
+        engine = cls(weights, tokenizer, linears, dtype=dtype, client=client, **kw)
         engine.server_info = info
         return engine
 
     def close(self) -> None:
+        if hasattr(self.linears, "close"):
+            self.linears.close()
         if self.telemetry is not None:
             self.telemetry.close()
         if self.client is not None:
@@ -254,6 +286,17 @@ class Engine:
         rpc = _difference(self.rpc_summary(), rpc_before)
         timings = {"load_s": round(self.load_s, 3), "prefill_ms": round(prefill_ms, 3),
                    "decode_ms_per_token": round(decode_s * 1000 / steps, 3) if steps else None}
+        if rpc.get("breakdown_ms"):  # the trusted side's own compute: forward time outside the RPCs
+            timings["trusted_ms"] = round(prefill_ms + decode_s * 1000 - rpc["breakdown_ms"]["total_ms"], 3)
+        pool = getattr(self.linears, "pool", None)
+        if pool is not None:
+            timings["offline_ms_per_token"] = round(pool.offline_ms_per_token(), 3)
+        if self.telemetry is not None and rpc.get("breakdown_ms"):
+            b, rows = rpc["breakdown_ms"], len(ids) + steps  # pad rows used: every position once
+            self.telemetry.write_generation({"tokens": len(out), "forwards": steps + 1, "time_split_ms": {
+                "offline": round(timings.get("offline_ms_per_token", 0.0) * rows, 3),
+                "transfer": round(b["total_ms"] - b["server_compute_ms"], 3),
+                "server_compute": b["server_compute_ms"], "trusted_compute": timings["trusted_ms"]}})
         return GenerationResult(stream.text, out, len(ids), finish, timings, rpc)
 
 
@@ -264,6 +307,9 @@ class Engine:
         out = self.client.stats.as_dict()
         if self.telemetry is not None:
             out["breakdown_ms"] = self.telemetry.summary()["breakdown_ms"]
+        pool = getattr(self.linears, "pool", None)
+        if pool is not None:
+            out["mask_pool"] = {k: v for k, v in pool.stats.as_dict().items() if k != "fill_ms"}
         return out
 
     def _phase(self, phase: str, token: int) -> None:
@@ -285,7 +331,8 @@ def run_info(config: EngineConfig, server_info: dict, client: RpcClient) -> dict
 
     return {"model": str(resolve_model_path(config.model)), "fingerprint": server_info["fingerprint"],
             "transport": client.endpoint.transport, "endpoint": client.endpoint.url,
-            "dtype": server_info["dtype"], "device": server_info["device"], "privacy": "plain",
+            "dtype": server_info["dtype"], "device": server_info["device"], "privacy": config.privacy,
+            "verify": config.verify,
             "data_plane": client.data_plane,
             "offload_attention": config.offload_attention,
             "num_layers": server_info["config"]["num_layers"],

@@ -7,10 +7,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from teegpu.errors import HandshakeError, ProtocolError
+from teegpu.errors import ConfigError, HandshakeError, IntegrityError
 from teegpu.model.weights import WEIGHT_OF_OP, ModelWeights
+from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, Op
+from teegpu.ring import RingWeight, quantize_linears, quantize_rows, ring_fingerprint
+from teegpu.tee.integrity import FloatVerifier, RingVerifier
+from teegpu.tee.mask_pool import MaskPool
 from teegpu.telemetry import RpcTelemetry
-from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op
 from teegpu.transport import RpcClient
 
 
@@ -29,21 +32,29 @@ class LocalLinears:
         return torch.bmm(a, b)
 
 
+def served_weights(weights: ModelWeights) -> dict:
+    """{(op, layer): float32 weight} of everything the server multiplies by."""
+    return {(op, layer): weights.for_op(op, layer) for op in WEIGHT_OF_OP
+            for layer in ([-1] if op == Op.LM_HEAD else range(weights.config.num_layers))}
+
+
 class RemoteLinears:
-    """Every product goes to the untrusted server; every reply is checked for shape and dtype.
+    """Every product goes to the untrusted server; every reply is checked for shape and dtype,
+    and with `verify` by Freivalds' check before anything uses it.
 
     Results come back in the wire dtype, which is also the trusted side's activation dtype.
     """
 
+    privacy = "plain"
+
     def __init__(self, client: RpcClient, weights: ModelWeights, wire_dtype: torch.dtype,
-                 telemetry: RpcTelemetry | None = None):
+                 telemetry: RpcTelemetry | None = None, verify: bool = False):
         self.client = client
         self.telemetry = telemetry or RpcTelemetry(transport=client.endpoint.transport)
         self.wire_dtype = wire_dtype
-        self.out_features = {(op, layer): weights.for_op(op, layer).shape[0]
-                             for op in (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
-                             for layer in range(weights.config.num_layers)}
-        self.out_features[Op.LM_HEAD, -1] = weights.lm_head.shape[0]
+        served = served_weights(weights)
+        self.out_features = {key: w.shape[0] for key, w in served.items()}
+        self.verifier = FloatVerifier(served, wire_dtype) if verify and self.privacy == "plain" else None
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._call(op, layer, (x,), (x.shape[0], self.out_features[op, layer]))
@@ -51,24 +62,72 @@ class RemoteLinears:
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self._call(op, layer, (a, b), (a.shape[0], a.shape[1], b.shape[2]))
 
-    def _call(self, op: Op, layer: int, inputs, expected_shape) -> torch.Tensor:
-        started = time.perf_counter_ns()
+    def _call(self, op: Op, layer: int, inputs, expected_shape, started: int | None = None) -> torch.Tensor:
+        started = started or time.perf_counter_ns()
         head, outputs = self.client.call(op, layer, inputs, dtype=self.wire_dtype, started_ns=started)
         if len(outputs) != 1 or tuple(outputs[0].shape) != expected_shape or outputs[0].dtype != self.wire_dtype:
             got = [(str(t.dtype), list(t.shape)) for t in outputs]
-            raise ProtocolError(ErrorCode.BAD_SHAPE, f"server replied {got} to {op.name} layer {layer}, "
-                                f"expected {self.wire_dtype} {list(expected_shape)}")
+            raise IntegrityError(op.name, layer, f"server replied {got}, expected {self.wire_dtype} "
+                                 f"{list(expected_shape)}")
         out = outputs[0]
         if self.client.shm is not None:  # the region is reused (and writable by the server): copy out
             out = out.clone()
+        if self.verifier is not None:
+            self.verifier.check(op, layer, list(inputs), out)
         stamps = self.client.last_stamps
         self.telemetry.record(op.name, layer, (*stamps[:5], time.perf_counter_ns()), head.compute_ns,
                               head.queue_ns, *self.client.last_sizes)
         return out
 
 
-def handshake(client: RpcClient, weights: ModelWeights) -> dict:
-    """Check the server's protocol version and that it serves exactly our weights."""
+    def close(self) -> None:
+        pass
+
+
+class OtpLinears(RemoteLinears):
+    """The server sees only one-time-padded int16 fixed-point activations, uniform over Z/2^64.
+
+    Per call: quantize each row (per-row scale), add fresh pads R from the pool, send;
+    subtract the pool's R*W^T from the reply, which leaves the exact integer product;
+    check it (with `verify`), rescale. docs/security.md explains what this hides.
+    """
+
+    privacy = "otp"
+
+    def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
+                 verify: bool = False, pool_rows: int = 32, progress: bool = True):
+        quantized = quantize_linears(weights)
+        self.ring_fingerprint = ring_fingerprint(quantized)
+        self.scales = {key: scale.double() for key, (_, scale) in quantized.items()}
+        super().__init__(client, weights, torch.int64, telemetry)
+        self.ring_verifier = RingVerifier({key: q for key, (q, _) in quantized.items()}) if verify else None
+        self.pool = MaskPool({key: RingWeight(q) for key, (q, _) in quantized.items()}, pool_rows, progress=progress)
+
+    def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter_ns()
+        xq, sx = quantize_rows(x)
+        y = self.integer_linear(op, layer, xq, started)
+        return (y.double() * sx.double() * self.scales[op, layer]).to(x.dtype)
+
+    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, started: int | None = None) -> torch.Tensor:
+        """The exact product xq (int64, |xq| <= 2^15) times the integer weight, through the padded server."""
+        r, rw = self.pool.take((op, layer), xq.shape[0])
+        padded = xq + r  # wraps mod 2^64: uniform whatever xq is
+        returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started)
+        y = returned - rw
+        if self.ring_verifier is not None:
+            self.ring_verifier.check(op, layer, padded, returned, y)
+        return y
+
+    def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise ConfigError("attention is never offloaded in otp mode (Q*K^T would reveal the prompt)")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> dict:
+    """Check the server's protocol version, privacy mode, and that it serves exactly our weights."""
     _, payload = client.call(Op.HELLO, 0)
     try:
         info = json.loads(payload)
@@ -82,6 +141,21 @@ def handshake(client: RpcClient, weights: ModelWeights) -> dict:
             f"server serves weights with fingerprint {str(info.get('fingerprint'))[:16]}..., this client loaded "
             f"{weights.fingerprint[:16]}... (different model files?)"
         )
-    if info.get("dtype") not in WIRE_DTYPES:
+    if info.get("privacy", "plain") != privacy:
+        raise HandshakeError(f"server runs privacy mode {info.get('privacy')!r}, this client wants {privacy!r} "
+                             f"(start it with --privacy {privacy})")
+    if privacy == "plain" and info.get("dtype") not in WIRE_DTYPES:
         raise HandshakeError(f"server announces unsupported dtype {info.get('dtype')!r}")
     return info
+
+
+def open_linears(client: RpcClient, weights: ModelWeights, info: dict, privacy: str, verify: bool,
+                 pool_rows: int = 32) -> RemoteLinears:
+    """The linears for a server that passed `handshake`; in otp mode also compare the integer weights."""
+    if privacy == "plain":
+        return RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]], verify=verify)
+    linears = OtpLinears(client, weights, verify=verify, pool_rows=pool_rows)
+    if info.get("ring_fingerprint") != linears.ring_fingerprint:
+        linears.close()
+        raise HandshakeError("server's integer weights differ from this client's (another quantization?)")
+    return linears

@@ -27,6 +27,7 @@ class RpcLogData:
     corrupt_lines: int = 0
     truncated_last_line: bool = False
     notes: list[str] = field(default_factory=list)
+    generations: list[dict] = field(default_factory=list)  # one time-split record per generation
 
 
 def read_log(path: str | Path) -> RpcLogData:
@@ -39,7 +40,7 @@ def read_log(path: str | Path) -> RpcLogData:
     truncated = bool(lines[-1].strip())  # a complete file ends with a newline
     if truncated:
         lines.pop()
-    run, records, corrupt = None, [], 0
+    run, records, generations, corrupt = None, [], [], 0
     for line in filter(str.strip, lines):
         try:
             rec = json.loads(line)
@@ -48,6 +49,8 @@ def read_log(path: str | Path) -> RpcLogData:
             continue
         if isinstance(rec, dict) and rec.get("type") == "run" and run is None:
             run = rec
+        elif isinstance(rec, dict) and rec.get("type") == "generation":
+            generations.append(rec)
         elif isinstance(rec, dict) and all(k in rec for k in REQUIRED):
             records.append(rec)
         else:
@@ -60,7 +63,7 @@ def read_log(path: str | Path) -> RpcLogData:
     if version != SCHEMA_VERSION:
         raise LogError(f"{path} was written with log schema version {version}; this analyzer reads version "
                        f"{SCHEMA_VERSION}. Re-record it with this teegpu version.")
-    data = RpcLogData(run, records, corrupt, truncated)
+    data = RpcLogData(run, records, corrupt, truncated, generations=generations)
     if corrupt:
         data.notes.append(f"{corrupt} corrupt line(s) skipped")
     if truncated:
@@ -108,6 +111,7 @@ def analyze(data: RpcLogData, top: int = 5) -> dict:
         "slowest": sorted(recs, key=lambda r: -r["total_ms"])[:top],
         "largest": sorted(recs, key=lambda r: -(r["bytes_sent"] + r["bytes_received"]))[:top],
         "notes": data.notes,
+        "generations": data.generations,
     }
     report["findings"] = findings(report, recs)
     return report
@@ -176,6 +180,12 @@ def format_report(rep: dict) -> str:
         lines += ["", title + ":"]
         lines += [f"  #{r['seq']} {r['op']} layer {r.get('layer')} {r['phase']} token {r['token']}: {fmt(r)}"
                   for r in rep[key]]
+    if rep.get("generations"):
+        lines += ["", "time split per generation (offline / transfer / server compute / trusted compute, ms):"]
+        for g in rep["generations"]:
+            split = g["time_split_ms"]
+            lines.append(f"  {g['tokens']} tokens: offline {split['offline']:.1f} / transfer {split['transfer']:.1f} / "
+                         f"server {split['server_compute']:.1f} / trusted {split['trusted_compute']:.1f}")
     lines += ["", "findings:", *(f"  - {f}" for f in rep["findings"])]
     lines += [f"note: {n}" for n in rep["notes"]]
     return "\n".join(lines)

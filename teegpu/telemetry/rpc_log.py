@@ -72,6 +72,12 @@ class RpcTelemetry:
                                       (t0 - self._t0_ns) / 1e6, ser, snd, wait, comp, queue, rcv, des, total,
                                       sent, received, mb_s))
 
+    def write_generation(self, record: dict) -> None:
+        """A generation's time split (offline, transfer, server, trusted), after its RPC lines."""
+        if self._file is not None:
+            self._file.write(json.dumps({"type": "generation", **record}) + "\n")
+            self._file.flush()
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()

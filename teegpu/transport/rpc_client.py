@@ -23,6 +23,7 @@ from teegpu.protocol import (
     ALIGN, FLAG_SHM, ErrorCode, Op, TensorDesc, decode_header, encode_header, shm_offsets, tensor_frame,
     tensors_from_frames,
 )
+from teegpu.transport.curve import ClientCurve
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
@@ -43,13 +44,14 @@ class RpcStats:
 
 class RpcClient:
     def __init__(self, endpoint: str, timeout_ms: int = 60_000, context: zmq.Context | None = None,
-                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES):
+                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES, curve: ClientCurve | None = None):
         if timeout_ms <= 0:
             raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
         if data_plane not in DATA_PLANES:
             raise ConfigError(f"data plane {data_plane!r}: choose one of {DATA_PLANES}")
         self.endpoint = parse_endpoint(endpoint)
         self.timeout_ms = timeout_ms
+        self.curve = curve
         self.stats = RpcStats()
         self._ctx = context or zmq.Context.instance()
         self._next_id = 1
@@ -79,6 +81,8 @@ class RpcClient:
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.endpoint.url)
         self._socket = sock
         self._attached = False  # the server knows regions by socket identity
@@ -189,9 +193,11 @@ class RpcClient:
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
                 self.close()
                 self._open()
+                hint = ("; with CURVE: is this client's public key in the server's allow list, and is the "
+                        "pinned server key the server's?") if self.curve is not None else ""
                 raise ServerUnavailable(
                     f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} ms "
-                    "(server gone or stalled)"
+                    f"(server gone or stalled{hint})"
                 )
             ready_ns = time.perf_counter_ns()
             reply = self._socket.recv_multipart(copy=False)

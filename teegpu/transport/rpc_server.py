@@ -6,15 +6,17 @@ import time
 import zmq
 
 from teegpu.protocol import encode_header, peek_ids
+from teegpu.transport.curve import ServerCurve
 from teegpu.transport.endpoint import parse_endpoint
 
 
 class ServerSocket:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, context: zmq.Context | None = None, curve: ServerCurve | None = None):
         self.endpoint = parse_endpoint(endpoint)
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self._auth = curve.apply(self.socket, self._ctx) if curve is not None else None
         self.socket.bind(self.endpoint.url)
         # tcp://host:0 or :* picks a free port; report the one actually bound
         self.bound_url = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -47,4 +49,6 @@ class ServerSocket:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
 

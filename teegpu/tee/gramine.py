@@ -1,0 +1,19 @@
+"""Knowing when the trusted side runs inside Gramine, where some transports cannot reach the host."""
+from __future__ import annotations
+
+import os
+
+from teegpu.errors import ConfigError
+
+
+def under_gramine() -> bool:
+    """True inside a Gramine enclave: our manifest sets TEEGPU_GRAMINE=1, and Gramine itself
+    provides /dev/attestation (gramine-sgx and gramine-direct alike)."""
+    return os.environ.get("TEEGPU_GRAMINE") == "1" or os.path.exists("/dev/attestation/attestation_type")
+
+
+def check_endpoint_reachable(url: str) -> None:
+    """Refuse ipc:// inside Gramine: its unix sockets stay inside the enclave and never reach the host."""
+    if url.startswith("ipc://") and under_gramine():
+        raise ConfigError(f"{url}: inside Gramine, ipc:// sockets stay in the enclave and cannot reach the GPU "
+                          "server on the host; use tcp://HOST:PORT (add --data-plane shm for /dev/shm)")

@@ -1,0 +1,147 @@
+"""One-time pads and their products, computed ahead of need.
+
+For each weight (op, layer) the pool holds rows of pads R, uniform over Z/2^64 from
+os.urandom, and their products R*W^T mod 2^64. A request of T rows takes T fresh rows;
+a row is never handed out twice. A background thread (at the lowest scheduling
+priority, so it takes idle time only) keeps every key topped up to `rows` rows; if the
+online path finds too few, it computes the rest itself and counts a stall.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from teegpu.ring import ring_matmul
+
+
+def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG."""
+    n = 1
+    for d in shape:
+        n *= d
+    return torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64).view(shape)
+
+
+@dataclass
+class PoolStats:
+    rows_filled: int = 0  # rows computed, counted per key
+    fill_ms: float = 0.0  # time spent computing them (background and stalls)
+    rows_used: int = 0
+    stalls: int = 0  # online requests that found too few rows
+    stall_rows: int = 0
+    stall_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+class MaskPool:
+    def __init__(self, weights: dict, rows: int = 32, background: bool = True, progress: bool = True):
+        """weights: {(op, layer): RingWeight}; rows kept ready per key, refilled in one batch once
+        a key falls to half (batches are cheaper, and a pool sized for a whole generation is
+        not refilled during it)."""
+        if rows < 1:
+            raise ValueError(f"mask pool rows must be at least 1, got {rows}")
+        self.weights, self.rows = weights, rows
+        self.stats = PoolStats()
+        self._ready: dict = {key: (torch.empty(0, w.d_in, dtype=torch.int64),
+                                   torch.empty(0, w.d_out, dtype=torch.int64)) for key, w in weights.items()}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = False
+        self._fill_all(progress)
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._refill_loop, name="mask-pool", daemon=True)
+            self._thread.start()
+
+    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = random_ring((n, self.weights[key].d_in))
+        return r, ring_matmul(r, self.weights[key])
+
+    def _add(self, key, r, rw, ms: float) -> None:
+        old_r, old_rw = self._ready[key]
+        self._ready[key] = (torch.cat([old_r, r]), torch.cat([old_rw, rw]))
+        self.stats.rows_filled += r.shape[0]
+        self.stats.fill_ms += ms
+
+    def refill(self) -> None:
+        """Top every key up to `rows` now (benchmarks: outside the timed part)."""
+        for key in self.weights:
+            with self._lock:
+                need = self.rows - self._ready[key][0].shape[0]
+            if need > 0:
+                t0 = time.perf_counter()
+                r, rw = self._compute(key, need)
+                with self._lock:
+                    self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+
+    def _fill_all(self, progress: bool) -> None:
+        keys = list(self.weights)
+        start = time.perf_counter()
+        for i, key in enumerate(keys):
+            t0 = time.perf_counter()
+            r, rw = self._compute(key, self.rows)
+            with self._lock:
+                self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+            if progress and (i % 10 == 9 or i == len(keys) - 1):
+                print(f"\rteegpu: mask pool {i + 1}/{len(keys)} weights x {self.rows} rows", end="",
+                      file=sys.stderr, flush=True)
+        if progress:
+            print(f" in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+    def take(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n fresh pad rows and their products for this weight; removed from the pool."""
+        with self._lock:
+            r, rw = self._ready[key]
+            have = min(n, r.shape[0])
+            out_r, out_rw = r[:have], rw[:have]
+            self._ready[key] = (r[have:], rw[have:])
+            self.stats.rows_used += n
+            self._wake.notify()
+        if have < n:  # a stall: the online path pays for the missing rows itself
+            t0 = time.perf_counter()
+            extra_r, extra_rw = self._compute(key, n - have)
+            ms = (time.perf_counter() - t0) * 1000
+            with self._lock:
+                s = self.stats
+                s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + n - have, s.stall_ms + ms
+                s.rows_filled += n - have
+                s.fill_ms += ms
+            out_r, out_rw = torch.cat([out_r, extra_r]), torch.cat([out_rw, extra_rw])
+        return out_r, out_rw
+
+    def _refill_loop(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # idle time only (Linux: per thread)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            with self._lock:
+                while not self._stop and all(r.shape[0] > self.rows // 2 for r, _ in self._ready.values()):
+                    self._wake.wait()
+                if self._stop:
+                    return
+                key = min(self._ready, key=lambda k: self._ready[k][0].shape[0])
+                need = self.rows - self._ready[key][0].shape[0]
+            t0 = time.perf_counter()
+            r, rw = self._compute(key, need)
+            with self._lock:
+                self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+
+    def offline_ms_per_token(self) -> float:
+        """Pad precomputation per generated token: one row for every weight."""
+        per_row = self.stats.fill_ms / max(self.stats.rows_filled, 1)
+        return per_row * len(self.weights)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

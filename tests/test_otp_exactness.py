@@ -1,0 +1,65 @@
+"""The ring arithmetic is exact, and unpadding gives back the plain integer product bit for bit."""
+import pytest
+import torch
+
+from conftest import connect_engine
+from teegpu.protocol import Op
+from teegpu.ring import RingWeight, quantize_rows, quantize_weights, ring_dot, ring_matmul
+from teegpu.tee.mask_pool import random_ring
+
+
+def as_ring(v: int) -> int:
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def test_ring_matmul_and_dot_equal_python_integers(smollm2):
+    weights, _ = smollm2
+    q, _ = quantize_weights(weights.layers[3].down)  # a real (576, 1536) weight
+    x = random_ring((2, q.shape[1]))
+    x[0, :4] = torch.tensor([-(1 << 63), (1 << 63) - 1, -1, 0])  # the ring's edges
+    got = ring_matmul(x, RingWeight(q))
+    qi, xi = q.tolist(), x.tolist()
+    for row in range(2):
+        for col in (0, 1, 287, 575):
+            assert got[row, col].item() == as_ring(sum(a * b for a, b in zip(xi[row], qi[col])))
+    s = random_ring((q.shape[1], 2))
+    dot = ring_dot(x, s)
+    for row in range(2):
+        for k in range(2):
+            assert dot[row, k].item() == as_ring(sum(a * b for a, b in zip(xi[row], s[:, k].tolist())))
+
+
+@pytest.fixture(scope="module")
+def otp_engine(smollm2, smollm2_servers):
+    weights, tok = smollm2
+    engine = connect_engine(weights, tok, smollm2_servers, "ipc", privacy="otp", verify=True, mask_pool_rows=48)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("rows", [1, 37])  # a decode step and a prefill
+def test_unpadded_results_equal_the_integer_product(otp_engine, rows):
+    lin = otp_engine.linears
+    for op, layer in [(Op.QKV, 0), (Op.O, 7), (Op.GATE_UP, 29), (Op.DOWN, 15), (Op.LM_HEAD, -1)]:
+        d_in = otp_engine.weights.for_op(op, layer).shape[1]
+        xq, _ = quantize_rows(torch.randn(rows, d_in) * 3)
+        q, _ = quantize_weights(otp_engine.weights.for_op(op, layer))
+        want = (xq.double() @ q.double().t()).to(torch.int64)  # |result| < 2^41: exact in float64
+        got = lin.integer_linear(op, layer, xq)
+        assert torch.equal(got, want), (op, layer)
+
+
+def test_refusals(smollm2, smollm2_servers):
+    from teegpu.errors import ConfigError, HandshakeError
+    from teegpu.tee.engine import EngineConfig
+
+    weights, tok = smollm2
+    with pytest.raises(ConfigError, match="offload-attention"):
+        EngineConfig(privacy="otp", offload_attention=True)
+    from teegpu.tee.engine import Engine
+
+    with pytest.raises(HandshakeError, match="--privacy otp"):  # a plain server
+        Engine.connect(weights, tok, smollm2_servers("ipc"), privacy="otp").close()
+    with pytest.raises(HandshakeError, match="--privacy plain"):  # an otp server
+        Engine.connect(weights, tok, smollm2_servers("ipc", privacy="otp"), privacy="plain").close()
