@@ -11,14 +11,27 @@
 __version__ = "0.1.0"
 
 from teegpu.errors import (
-    ConfigError, ContextLengthError, HandshakeError, ModelLoadError, ProtocolError, ServerError,
+    ConfigError, ContextLengthError, HandshakeError, IntegrityError, ModelLoadError, ProtocolError, ServerError,
     ServerUnavailable, TeegpuError,
 )
-from teegpu.server.linear_server import ServerConfig, serve
-from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig, GenerationResult
+
+# Imported on first use, so that the untrusted server (`python -m teegpu.cli serve`, which
+# imports this package) never loads the trusted side's modules, where secrets and pads live.
+_LAZY = {"Engine": "teegpu.tee.engine", "EngineConfig": "teegpu.tee.engine",
+         "GenerationConfig": "teegpu.tee.engine", "GenerationResult": "teegpu.tee.engine",
+         "ServerConfig": "teegpu.server.linear_server", "serve": "teegpu.server.linear_server"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'teegpu' has no attribute {name!r}")
+
 
 __all__ = [
     "Engine", "EngineConfig", "GenerationConfig", "GenerationResult", "ServerConfig", "serve",
     "TeegpuError", "ConfigError", "ContextLengthError", "HandshakeError", "ModelLoadError", "ProtocolError",
-    "ServerError", "ServerUnavailable",
+    "ServerError", "ServerUnavailable", "IntegrityError",
 ]
