@@ -27,6 +27,17 @@ MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
 _BYTE_SUM = int.from_bytes(b"\x01" * 8, "little")  # sum of 2^(8i), i < 8
 
 
+def _to_int64(v: int) -> int:
+    """A Python int taken mod 2^64, as the signed value int64 holds."""
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+# the place value of byte i of an activation times half h of a weight: 2^(8i + 8h) mod 2^64
+_PLACE = torch.tensor([[_to_int64(1 << (8 * i + 8 * h)) for h in range(2)] for i in range(8)],
+                      dtype=torch.int64).view(8, 1, 2, 1)
+
+
 class RingWeight:
     """An integer weight (d_out, d_in) laid out for `ring_matmul`: its int8 halves, side by side."""
 
@@ -40,10 +51,12 @@ class RingWeight:
         self.halves = torch.cat([lo, hi]).to(torch.int8).t()  # (d_in, 2 d_out), transposed view
         # the digits are bytes - 128: add back 128 * sum_i 2^(8i) * (row sum of w), mod 2^64
         self.correction = q.sum(dim=1, dtype=torch.int64) * _to_int64(128 * _BYTE_SUM)  # int64 multiply wraps
+        self.place = _PLACE
 
     def to(self, device) -> "RingWeight":
         self.halves = self.halves.to(device)
         self.correction = self.correction.to(device)
+        self.place = _PLACE.to(device)
         return self
 
 
@@ -70,13 +83,16 @@ def ring_matmul(x: torch.Tensor, w: RingWeight) -> torch.Tensor:
     if x.shape[0] > chunk:
         return torch.cat([ring_matmul(x[i:i + chunk], w) for i in range(0, x.shape[0], chunk)])
     t = x.shape[0]
-    digits = (x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1).to(torch.int16) - 128)
-    digits = digits.to(torch.int8).reshape(8 * t, -1).to(w.halves.device)
+    # byte b of each value as the signed digit b - 128: flipping the top bit and reading it as int8
+    digits = (x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1) ^ 0x80).view(torch.int8)
+    digits = digits.reshape(8 * t, -1)
     rows = digits.shape[0]
-    if digits.is_cuda and rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
-        digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
-    partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out)
-    return (partial.to(torch.int64) * _PLACE.to(partial.device)).sum(dim=(0, 2)) + w.correction
+    if w.halves.is_cuda:
+        digits = digits.to(w.halves.device)
+        if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
+            digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
+    partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
+    return (partial * w.place).sum(dim=(0, 2)) + w.correction
 
 
 def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -86,12 +102,6 @@ def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     for i in range(0, a.shape[0], chunk):
         out[i:i + chunk] = (a[i:i + chunk, :, None] * s).sum(dim=1)
     return out
-
-
-def _to_int64(v: int) -> int:
-    """A Python int taken mod 2^64, as the signed value int64 holds."""
-    v %= 1 << 64
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def result_bound(d_in: int) -> int:
@@ -117,8 +127,3 @@ def quantize_linears(weights) -> dict:
 
     return {(op, layer): quantize_weights(weights.for_op(op, layer))
             for op in WEIGHT_OF_OP for layer in ([-1] if op == Op.LM_HEAD else range(weights.config.num_layers))}
-
-
-# the place value of byte i of an activation times half h of a weight: 2^(8i + 8h) mod 2^64
-_PLACE = torch.tensor([[_to_int64(1 << (8 * i + 8 * h)) for h in range(2)] for i in range(8)],
-                      dtype=torch.int64).view(8, 1, 2, 1)
