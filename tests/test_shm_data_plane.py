@@ -31,6 +31,9 @@ def test_tensors_bypass_the_socket_and_results_match(tiny_server):
     x = torch.randn(3, HIDDEN)
     with RpcClient(tiny_server.endpoint, 5_000) as plain, RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as shm:
         assert shm.data_plane == "shm"
+        # the region is a plain file directly under /dev/shm, only ours to read ...
+        path = os.path.join(SHM_DIR, shm.shm.name)
+        assert os.path.dirname(path) == SHM_DIR and os.stat(path).st_mode & 0o777 == 0o600
         _, (want,) = plain.call(Op.QKV, 1, [x])
         want = want.clone()
         log = sent_frames(shm)
@@ -38,10 +41,23 @@ def test_tensors_bypass_the_socket_and_results_match(tiny_server):
         assert head.flags & FLAG_SHM and torch.equal(got, want) and got.shape == (3, QKV_OUT)
         assert log[-1] == [HEADER_BASE_BYTES + 18]  # the header with one tensor descriptor, nothing else
         assert shm.last_sizes[0] >= x.numel() * 4  # the tensor bytes are still counted
-        # the region is a plain file directly under /dev/shm, only ours to read
-        path = os.path.join(SHM_DIR, shm.shm.name)
-        assert os.path.dirname(path) == SHM_DIR and os.stat(path).st_mode & 0o777 == 0o600
-    assert not os.path.exists(path)  # removed on close
+        # ... whose name is gone once the server has mapped it: a killed client leaves nothing behind
+        assert not os.path.exists(path)
+        head, (again,) = shm.call(Op.QKV, 1, [x])
+        assert head.flags & FLAG_SHM and torch.equal(again, want)
+
+
+def test_reconnect_attaches_a_fresh_region(tiny_server):
+    """After a timeout the client reopens its socket; the server knows it by a new identity and
+    gets a new region (the old name is gone)."""
+    x = torch.randn(2, HIDDEN)
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
+        _, (want,) = client.call(Op.QKV, 0, [x])
+        want, first = want.clone(), client.shm.name
+        client._socket.close(linger=0)
+        client._open()  # what a timeout does
+        head, (got,) = client.call(Op.QKV, 0, [x])
+        assert head.flags & FLAG_SHM and torch.equal(got, want) and client.shm.name != first
 
 
 def test_message_larger_than_the_region_goes_inline(tiny_server):

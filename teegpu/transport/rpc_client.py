@@ -102,14 +102,21 @@ class RpcClient:
         self.close()
 
     def _attach(self) -> None:
-        """Tell the server the name of our region; fall back to sockets if it cannot map it."""
+        """Tell the server the name of our region, then remove the name (both keep their mapping);
+        fall back to sockets if it cannot map it. After a reconnect, a fresh region."""
         self._attached = True
+        if not self.shm.owner:  # named no longer: the server we reconnect to needs a new one
+            size = self.shm.size
+            self.shm.close()
+            self.shm = ShmRegion.create(size)
         try:
             self.call(Op.ATTACH_SHM, 0, frames=[self.shm.name.encode()])
         except ServerError as e:
             if e.code not in (ErrorCode.BAD_SHM, ErrorCode.UNKNOWN_METHOD):
                 raise
             self._fall_back(f"the server cannot map it ({e})")
+            return
+        self.shm.unlink()
 
     def call(self, op: int, layer: int, tensors=(), *, dtype: torch.dtype | None = None,
              header: bytes | None = None, frames=None, started_ns: int | None = None):

@@ -27,7 +27,7 @@ class ShmRegion:
     """A mapped file under SHM_DIR and a byte tensor over all of it."""
 
     def __init__(self, name: str, fd: int, size: int, owner: bool):
-        self.name, self.size, self.owner = name, size, owner
+        self.name, self.size, self.owner = name, size, owner  # owner: created it and its name still exists
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -71,16 +71,24 @@ class ShmRegion:
             raise ValueError(f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
         return self.bytes[offset:offset + n].view(dtype).view(shape)
 
-    def close(self) -> None:
-        """Unmap (once no view is left) and, on the creating side, remove the file."""
-        self.bytes = None
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a caller still holds a view; the mapping goes with it
+    def unlink(self) -> bool:
+        """Remove the name (the creating side, once the server has mapped it): the memory then lives
+        exactly as long as the two mappings, so a killed process leaves nothing in /dev/shm."""
         if self.owner:
             try:
                 os.unlink(os.path.join(SHM_DIR, self.name))
             except FileNotFoundError:
                 pass
+            except OSError:
+                return False  # a mount that cannot unlink while mapped: removed at close instead
             self.owner = False
+        return True
+
+    def close(self) -> None:
+        """Unmap (once no view is left) and, on the creating side, remove the file if still named."""
+        self.bytes = None
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes with it
+        self.unlink()
