@@ -121,9 +121,5 @@ def ring_fingerprint(quantized: dict) -> str:
 
 
 def quantize_linears(weights) -> dict:
-    """Every served weight of a ModelWeights, quantized: {(op, layer): (q float64, scale)}."""
-    from teegpu.model.weights import WEIGHT_OF_OP
-    from teegpu.protocol import Op
-
-    return {(op, layer): quantize_weights(weights.for_op(op, layer))
-            for op in WEIGHT_OF_OP for layer in ([-1] if op == Op.LM_HEAD else range(weights.config.num_layers))}
+    """Every served weight of a ModelWeights, quantized: {(op, layer): (q int64, scale)}."""
+    return {key: quantize_weights(w) for key, w in weights.served().items()}

@@ -1,11 +1,12 @@
 """The shared-memory data plane: tensors go through a plain file under /dev/shm, only the
 header crosses the socket, and every case it cannot serve falls back to sockets, saying so."""
 import os
+import signal
 
 import pytest
 import torch
 
-from teegpu.errors import ServerError
+from teegpu.errors import ServerError, ServerUnavailable
 from teegpu.protocol import FLAG_SHM, HEADER_BASE_BYTES, ErrorCode, Op, encode_header
 from teegpu.server.linear_server import ServerConfig
 from teegpu.server_process import ServerProcess
@@ -47,17 +48,22 @@ def test_tensors_bypass_the_socket_and_results_match(tiny_server):
         assert head.flags & FLAG_SHM and torch.equal(again, want)
 
 
-def test_reconnect_attaches_a_fresh_region(tiny_server):
-    """After a timeout the client reopens its socket; the server knows it by a new identity and
-    gets a new region (the old name is gone)."""
+def test_after_a_timeout_the_client_attaches_a_fresh_region(tiny_server):
+    """A timeout reopens the socket; the server then knows the client by a new identity, so the
+    client attaches a new region (the old name is gone) and keeps the shared-memory plane."""
     x = torch.randn(2, HIDDEN)
-    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
+    with RpcClient(tiny_server.endpoint, 1_000, data_plane="shm") as client:
         _, (want,) = client.call(Op.QKV, 0, [x])
         want, first = want.clone(), client.shm.name
-        client._socket.close(linger=0)
-        client._open()  # what a timeout does
+        os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # a stalled server
+        try:
+            with pytest.raises(ServerUnavailable):
+                client.call(Op.QKV, 0, [x])
+        finally:
+            os.kill(tiny_server.proc.pid, signal.SIGCONT)
         head, (got,) = client.call(Op.QKV, 0, [x])
-        assert head.flags & FLAG_SHM and torch.equal(got, want) and client.shm.name != first
+        assert client.data_plane == "shm" and client.shm.name != first
+        assert head.flags & FLAG_SHM and torch.equal(got, want)
 
 
 def test_message_larger_than_the_region_goes_inline(tiny_server):

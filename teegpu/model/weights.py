@@ -81,6 +81,11 @@ class ModelWeights:
         name = WEIGHT_OF_OP[op]
         return self.lm_head if name == "lm_head" else getattr(self.layers[layer], name)
 
+    def served(self) -> dict[tuple[Op, int], torch.Tensor]:
+        """{(op, layer): (out, in) weight} of every product the server computes."""
+        return {(op, layer): self.for_op(op, layer) for op in WEIGHT_OF_OP
+                for layer in ([-1] if op == Op.LM_HEAD else range(self.config.num_layers))}
+
 
 def compute_fingerprint(weights: ModelWeights) -> str:
     """SHA-256 over the config and every served fp32 linear weight, in serving order.

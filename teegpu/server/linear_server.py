@@ -13,7 +13,7 @@ import torch
 
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
-from teegpu.model.weights import WEIGHT_OF_OP, ModelWeights
+from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
     ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op, TensorDesc,
     decode_header, encode_header, shm_offsets, tensor_frame, tensors_from_frames,
@@ -82,11 +82,10 @@ class LinearServer:
             for key, (q, _) in quantized.items():
                 self.weights[key] = RingWeight(q).to(device)
         else:
-            for op in WEIGHT_OF_OP:
-                for layer in [-1] if op == Op.LM_HEAD else range(weights.config.num_layers):
-                    self.weights[op, layer] = weights.for_op(op, layer).to(device=device, dtype=dtype)
+            for key, w in weights.served().items():
+                self.weights[key] = w.to(device=device, dtype=dtype)
         self.device, self.dtype = device, dtype
-        self.shapes = {key: tuple(weights.for_op(*key).shape) for key in self.weights}  # (d_out, d_in)
+        self.shapes = {key: tuple(w.shape) for key, w in weights.served().items()}  # (d_out, d_in)
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
 

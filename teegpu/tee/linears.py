@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from teegpu.errors import ConfigError, HandshakeError, IntegrityError
-from teegpu.model.weights import WEIGHT_OF_OP, ModelWeights
+from teegpu.model.weights import ModelWeights
 from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, Op
 from teegpu.ring import RingWeight, quantize_linears, quantize_rows, ring_fingerprint
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
@@ -21,21 +21,13 @@ class LocalLinears:
     """The TEE-only baseline: the trusted side multiplies by its own weights."""
 
     def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
-        self.weights = {(op, layer): weights.for_op(op, layer).to(dtype)
-                        for op in WEIGHT_OF_OP for layer in ([-1] if op == Op.LM_HEAD else
-                                                             range(weights.config.num_layers))}
+        self.weights = {key: w.to(dtype) for key, w in weights.served().items()}
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weights[op, layer])
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
-
-
-def served_weights(weights: ModelWeights) -> dict:
-    """{(op, layer): float32 weight} of everything the server multiplies by."""
-    return {(op, layer): weights.for_op(op, layer) for op in WEIGHT_OF_OP
-            for layer in ([-1] if op == Op.LM_HEAD else range(weights.config.num_layers))}
 
 
 class RemoteLinears:
@@ -45,16 +37,14 @@ class RemoteLinears:
     Results come back in the wire dtype, which is also the trusted side's activation dtype.
     """
 
-    privacy = "plain"
-
     def __init__(self, client: RpcClient, weights: ModelWeights, wire_dtype: torch.dtype,
                  telemetry: RpcTelemetry | None = None, verify: bool = False):
         self.client = client
         self.telemetry = telemetry or RpcTelemetry(transport=client.endpoint.transport)
         self.wire_dtype = wire_dtype
-        served = served_weights(weights)
+        served = weights.served()
         self.out_features = {key: w.shape[0] for key, w in served.items()}
-        self.verifier = FloatVerifier(served, wire_dtype) if verify and self.privacy == "plain" else None
+        self.verifier = FloatVerifier(served, wire_dtype) if verify else None
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._call(op, layer, (x,), (x.shape[0], self.out_features[op, layer]))
@@ -92,14 +82,12 @@ class OtpLinears(RemoteLinears):
     check it (with `verify`), rescale. docs/security.md explains what this hides.
     """
 
-    privacy = "otp"
-
     def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
                  verify: bool = False, pool_rows: int = 32, progress: bool = True):
         quantized = quantize_linears(weights)
         self.ring_fingerprint = ring_fingerprint(quantized)
         self.scales = {key: scale.double() for key, (_, scale) in quantized.items()}
-        super().__init__(client, weights, torch.int64, telemetry)
+        super().__init__(client, weights, torch.int64, telemetry)  # the exact ring check replaces the float one
         self.ring_verifier = RingVerifier({key: q for key, (q, _) in quantized.items()}) if verify else None
         self.pool = MaskPool({key: RingWeight(q) for key, (q, _) in quantized.items()}, pool_rows, progress=progress)
 

@@ -8,6 +8,7 @@ online path finds too few, it computes the rest itself and counts a stall.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -21,10 +22,7 @@ from teegpu.ring import ring_matmul
 
 def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
     """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG."""
-    n = 1
-    for d in shape:
-        n *= d
-    return torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64).view(shape)
+    return torch.frombuffer(bytearray(os.urandom(8 * math.prod(shape))), dtype=torch.int64).view(shape)
 
 
 @dataclass
@@ -60,15 +58,23 @@ class MaskPool:
             self._thread = threading.Thread(target=self._refill_loop, name="mask-pool", daemon=True)
             self._thread.start()
 
-    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """n fresh pad rows, their products, and the milliseconds it took (counted as fill time)."""
+        t0 = time.perf_counter()
         r = random_ring((n, self.weights[key].d_in))
-        return r, ring_matmul(r, self.weights[key])
+        rw = ring_matmul(r, self.weights[key])
+        ms = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            self.stats.rows_filled += n
+            self.stats.fill_ms += ms
+        return r, rw, ms
 
-    def _add(self, key, r, rw, ms: float) -> None:
-        old_r, old_rw = self._ready[key]
-        self._ready[key] = (torch.cat([old_r, r]), torch.cat([old_rw, rw]))
-        self.stats.rows_filled += r.shape[0]
-        self.stats.fill_ms += ms
+    def _fill(self, key, n: int) -> None:
+        """Compute n rows for key (outside the lock) and append them to its ready rows."""
+        r, rw, _ = self._compute(key, n)
+        with self._lock:
+            old_r, old_rw = self._ready[key]
+            self._ready[key] = (torch.cat([old_r, r]), torch.cat([old_rw, rw]))
 
     def refill(self) -> None:
         """Top every key up to `rows` now (benchmarks: outside the timed part)."""
@@ -76,19 +82,13 @@ class MaskPool:
             with self._lock:
                 need = self.rows - self._ready[key][0].shape[0]
             if need > 0:
-                t0 = time.perf_counter()
-                r, rw = self._compute(key, need)
-                with self._lock:
-                    self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+                self._fill(key, need)
 
     def _fill_all(self, progress: bool) -> None:
         keys = list(self.weights)
         start = time.perf_counter()
         for i, key in enumerate(keys):
-            t0 = time.perf_counter()
-            r, rw = self._compute(key, self.rows)
-            with self._lock:
-                self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+            self._fill(key, self.rows)
             if progress and (i % 10 == 9 or i == len(keys) - 1):
                 print(f"\rteegpu: mask pool {i + 1}/{len(keys)} weights x {self.rows} rows", end="",
                       file=sys.stderr, flush=True)
@@ -105,14 +105,10 @@ class MaskPool:
             self.stats.rows_used += n
             self._wake.notify()
         if have < n:  # a stall: the online path pays for the missing rows itself
-            t0 = time.perf_counter()
-            extra_r, extra_rw = self._compute(key, n - have)
-            ms = (time.perf_counter() - t0) * 1000
+            extra_r, extra_rw, ms = self._compute(key, n - have)
             with self._lock:
                 s = self.stats
                 s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + n - have, s.stall_ms + ms
-                s.rows_filled += n - have
-                s.fill_ms += ms
             out_r, out_rw = torch.cat([out_r, extra_r]), torch.cat([out_rw, extra_rw])
         return out_r, out_rw
 
@@ -129,10 +125,7 @@ class MaskPool:
                     return
                 key = min(self._ready, key=lambda k: self._ready[k][0].shape[0])
                 need = self.rows - self._ready[key][0].shape[0]
-            t0 = time.perf_counter()
-            r, rw = self._compute(key, need)
-            with self._lock:
-                self._add(key, r, rw, (time.perf_counter() - t0) * 1000)
+            self._fill(key, need)
 
     def offline_ms_per_token(self) -> float:
         """Pad precomputation per generated token: one row for every weight."""

@@ -87,10 +87,13 @@ class RpcClient:
         self._socket = sock
         self._attached = False  # the server knows regions by socket identity
 
-    def close(self) -> None:
+    def _close_socket(self) -> None:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+
+    def close(self) -> None:
+        self._close_socket()
         if self.shm is not None:
             self.shm.close()
             self.shm = None
@@ -140,19 +143,20 @@ class RpcClient:
         flags, request_end = 0, 0
         if header is not None:
             head, body = header, list(frames or ())
-        elif self.shm is not None and descs:
-            offsets, request_end = shm_offsets(descs)
-            if request_end <= self.shm.size:
-                flags = FLAG_SHM
-                for t, d, off in zip(tensors, descs, offsets):
-                    self.shm.tensor(off, d.dtype, d.shape).copy_(t)
-        if header is None:
+        else:
+            if self.shm is not None and descs:
+                offsets, request_end = shm_offsets(descs)
+                if request_end <= self.shm.size:  # else the tensors go inline
+                    flags = FLAG_SHM
+                    for t, d, off in zip(tensors, descs, offsets):
+                        self.shm.tensor(off, d.dtype, d.shape).copy_(t)
             head = encode_header(op, rid, layer, descs, flags=flags)
             if flags:
                 body = []
+            elif frames is not None:
+                body = list(frames)
             else:
-                body = list(frames) if frames is not None else [
-                    tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
+                body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
         t1 = time.perf_counter_ns()
         self._socket.send_multipart([head, *body], copy=False)
         t2 = time.perf_counter_ns()
@@ -198,7 +202,7 @@ class RpcClient:
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
-                self.close()
+                self._close_socket()  # the region stays: the next call attaches a fresh one
                 self._open()
                 hint = ("; with CURVE: is this client's public key in the server's allow list, and is the "
                         "pinned server key the server's?") if self.curve is not None else ""

@@ -9,6 +9,7 @@ the client copies each reply out before it uses it.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -64,9 +65,7 @@ class ShmRegion:
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of the region (no copy); offset must be aligned to the dtype."""
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
+        n = dtype.itemsize * math.prod(shape)
         if offset < 0 or offset + n > self.size:
             raise ValueError(f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
         return self.bytes[offset:offset + n].view(dtype).view(shape)
