@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
 from teegpu.transport import private_endpoint
@@ -39,7 +39,7 @@ def measure(tokens: int, repeats: int, model: str | None) -> dict:
         print(file=sys.stderr)
         engine.close()
     ratios = [on / off for on, off in zip(times["on"], times["off"])]
-    return {"tokens": tokens, "repeats": repeats,
+    return {"tokens": tokens, "repeats": repeats, "times_ms_per_token": times,
             "decode_ms_per_token": {m: {"min": min(v), "median": statistics.median(v)} for m, v in times.items()},
             "median_ratio_on_off": statistics.median(ratios),
             "min_ratio_on_off": min(times["on"]) / min(times["off"])}

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from teegpu.protocol import Op
-from teegpu.server.linear_server import ServerConfig
+from teegpu.protocol import Hello, Op
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.transport import RpcClient, private_endpoint
 
@@ -26,8 +26,7 @@ def measure(calls: int, transport: str, model: str | None) -> dict:
     rows = {}
     with ServerProcess(ServerConfig(model=model, endpoint=endpoint)) as server:
         client = RpcClient(server.wait_ready())
-        _, info = client.call(Op.HELLO, 0)
-        cfg = json.loads(info)["config"]
+        cfg = Hello.from_bytes(client.call(Op.HELLO, 0).payload).config
         h = cfg["hidden_size"]
         ops = {Op.QKV: h, Op.O: cfg["num_heads"] * cfg["head_dim"], Op.GATE_UP: h,
                Op.DOWN: cfg["intermediate_size"], Op.LM_HEAD: h}
@@ -38,7 +37,7 @@ def measure(calls: int, transport: str, model: str | None) -> dict:
             total, compute = [], []
             for _ in range(calls):
                 t0 = time.perf_counter_ns()
-                head, _ = client.call(op, layer, [x])
+                head = client.call(op, layer, [x]).header
                 total.append((time.perf_counter_ns() - t0) / 1e6)
                 compute.append(head.compute_ns / 1e6)
             rows[op.name] = {"round_trip_ms": statistics.median(total), "server_compute_ms": statistics.median(compute)}

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from teegpu.model.loading import load_tokenizer, load_weights
 from teegpu.model.reference import transformers_model
+from teegpu.options import rpcs_per_forward
 from teegpu.protocol import WIRE_DTYPES, Op
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
 from teegpu.tee.linears import LocalLinears
@@ -263,7 +264,7 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
     return {
         "model": str(model or "SmolLM2-135M-Instruct (default)"), "tokens": tokens, "prefill": prefill,
         "repeats": repeats, "cores": CORES, "transfer_bytes": transfer_bytes, "torch": torch.__version__,
-        "expected_rpcs_per_token": 4 * cfg.num_layers + 1,
+        "expected_rpcs_per_token": rpcs_per_forward(cfg.num_layers),
         "columns": {c.name: {k: {"min": min(v), "median": statistics.median(v), "samples": v}
                              for k, v in c.samples.items()} | {"dtype": c.dtype} for c in columns},
     }

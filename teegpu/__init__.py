@@ -11,15 +11,16 @@
 __version__ = "0.1.0"
 
 from teegpu.errors import (
-    ConfigError, ContextLengthError, HandshakeError, IntegrityError, ModelLoadError, ProtocolError, ServerError,
+    ConfigError, ContextLengthError, HandshakeError, IntegrityError, ModelLoadError, Overloaded, ProtocolError,
+    ServerError,
     ServerUnavailable, TeegpuError,
 )
 
 # Imported on first use, so that the untrusted server (`python -m teegpu.cli serve`, which
 # imports this package) never loads the trusted side's modules, where secrets and pads live.
-_LAZY = {"Engine": "teegpu.tee.engine", "EngineConfig": "teegpu.tee.engine",
-         "GenerationConfig": "teegpu.tee.engine", "GenerationResult": "teegpu.tee.engine",
-         "ServerConfig": "teegpu.server.linear_server", "serve": "teegpu.server.linear_server"}
+_LAZY = {"Engine": "teegpu.tee.engine", "GenerationResult": "teegpu.tee.engine", "Scheduler": "teegpu.tee.scheduler",
+         "EngineConfig": "teegpu.config", "GenerationConfig": "teegpu.config", "SchedulerConfig": "teegpu.config",
+         "ServerConfig": "teegpu.config", "ApiConfig": "teegpu.config", "serve": "teegpu.server.linear_server"}
 
 
 def __getattr__(name: str):
@@ -31,7 +32,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Engine", "EngineConfig", "GenerationConfig", "GenerationResult", "ServerConfig", "serve",
+    "Engine", "EngineConfig", "GenerationConfig", "GenerationResult", "Scheduler", "SchedulerConfig", "ServerConfig",
+    "ApiConfig", "serve", "Overloaded",
     "TeegpuError", "ConfigError", "ContextLengthError", "HandshakeError", "ModelLoadError", "ProtocolError",
     "ServerError", "ServerUnavailable", "IntegrityError",
 ]

@@ -17,6 +17,10 @@ class ContextLengthError(TeegpuError, ValueError):
     """The prompt (plus the tokens asked for) does not fit the context window."""
 
 
+class Overloaded(TeegpuError):
+    """Too many requests wait already: try again later (HTTP 429)."""
+
+
 class ProtocolError(TeegpuError):
     """A message broke the wire protocol; `code` is a protocol.ErrorCode."""
 

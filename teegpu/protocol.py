@@ -15,13 +15,16 @@ at ALIGN-byte boundaries (`shm_offsets`); the reply's tensors follow the request
 """
 from __future__ import annotations
 
+import json
 import struct
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 
-from teegpu.errors import ProtocolError
+from teegpu.errors import HandshakeError, ProtocolError
+from teegpu.options import DTYPES
 
 PROTOCOL_VERSION = 2
 MAX_TENSORS = 4
@@ -74,9 +77,9 @@ DTYPE_CODES: dict[int, torch.dtype] = {
     7: torch.float64,
 }
 CODE_OF_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_CODES.items()}
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WIRE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPES}
 
-# version, op, status, flags, request id, layer, tensor count, server compute ns, server queue ns
+# version, op, status, flags, request id, layer, tensor count, server compute ns, server overhead ns
 _HEAD = struct.Struct("<HBBBQiBQQ")
 _DESC = struct.Struct("<BB4I")
 HEADER_BASE_BYTES = _HEAD.size
@@ -103,7 +106,7 @@ class Header(NamedTuple):
     layer: int
     tensors: tuple[TensorDesc, ...]
     compute_ns: int = 0
-    queue_ns: int = 0
+    overhead_ns: int = 0  # the server's time on the request outside the product
 
 
 def encode_header(
@@ -113,12 +116,12 @@ def encode_header(
     tensors: tuple[torch.Tensor, ...] | list[torch.Tensor] = (),
     status: int = ErrorCode.OK,
     compute_ns: int = 0,
-    queue_ns: int = 0,
+    overhead_ns: int = 0,
     version: int = PROTOCOL_VERSION,
     flags: int = 0,
 ) -> bytes:
     """`tensors` may be tensors or TensorDesc (dtype, shape) pairs: only dtype and shape are read."""
-    parts = [_HEAD.pack(version, op, status, flags, request_id, layer, len(tensors), compute_ns, queue_ns)]
+    parts = [_HEAD.pack(version, op, status, flags, request_id, layer, len(tensors), compute_ns, overhead_ns)]
     for t in tensors:
         shape = tuple(t.shape)
         parts.append(_DESC.pack(CODE_OF_DTYPE[t.dtype], len(shape), *shape, *(0,) * (MAX_DIMS - len(shape))))
@@ -129,7 +132,7 @@ def decode_header(buf: bytes | memoryview) -> Header:
     """Parse a header frame; raise ProtocolError naming what is wrong."""
     if len(buf) < _HEAD.size:
         raise ProtocolError(ErrorCode.BAD_FRAMES, f"header frame of {len(buf)} bytes, need {_HEAD.size}")
-    version, op, status, flags, rid, layer, n, compute_ns, queue_ns = _HEAD.unpack_from(buf, 0)
+    version, op, status, flags, rid, layer, n, compute_ns, overhead_ns = _HEAD.unpack_from(buf, 0)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {version}, this side speaks {PROTOCOL_VERSION}"
@@ -151,7 +154,7 @@ def decode_header(buf: bytes | memoryview) -> Header:
         if any(d == 0 for d in shape):
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"tensor {i}: empty shape {shape}")
         descs.append(TensorDesc(DTYPE_CODES[code], shape))
-    return Header(version, op, status, flags, rid, layer, tuple(descs), compute_ns, queue_ns)
+    return Header(version, op, status, flags, rid, layer, tuple(descs), compute_ns, overhead_ns)
 
 
 def peek_ids(buf) -> tuple[int, int, int]:
@@ -162,14 +165,54 @@ def peek_ids(buf) -> tuple[int, int, int]:
     return rid, op, layer
 
 
+def align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
 def shm_offsets(descs, start: int = 0) -> tuple[list[int], int]:
     """Offsets of tensors packed from `start` at ALIGN boundaries, and the end of the last one."""
     offsets, pos = [], start
     for d in descs:
-        pos = -(-pos // ALIGN) * ALIGN
+        pos = align_up(pos)
         offsets.append(pos)
         pos += d.nbytes
     return offsets, pos
+
+
+def reply_offsets(request_end: int, descs) -> tuple[list[int], int]:
+    """Where a shared-memory reply's tensors lie: right after the request's, aligned."""
+    return shm_offsets(descs, align_up(request_end))
+
+
+@dataclass(slots=True)
+class Hello:
+    """The server's answer to HELLO: what the client checks before it sends anything else."""
+
+    protocol: int
+    fingerprint: str  # SHA-256 of the config and every served fp32 weight
+    dtype: str
+    device: str
+    privacy: str
+    ring_fingerprint: str | None  # otp: of the integer weights and scales
+    config: dict  # the model's ModelConfig.to_dict()
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "Hello":
+        """Parse a HELLO reply; raise HandshakeError on anything unreadable or of another protocol."""
+        try:
+            info = json.loads(payload)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HandshakeError(f"server sent an unreadable HELLO reply: {e}") from e
+        if not isinstance(info, dict) or info.get("protocol") != PROTOCOL_VERSION:
+            theirs = info.get("protocol", "?") if isinstance(info, dict) else "?"
+            raise HandshakeError(f"server speaks protocol {theirs}, this client {PROTOCOL_VERSION}")
+        try:
+            return cls(**info)
+        except TypeError as e:
+            raise HandshakeError(f"server sent a HELLO reply of another shape: {e}") from e
 
 
 def tensor_frame(t: torch.Tensor) -> memoryview:

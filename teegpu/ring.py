@@ -20,6 +20,8 @@ import hashlib
 
 import torch
 
+from teegpu.errors import ConfigError
+
 WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit int8
 ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
 MAX_D_IN = 1 << 11  # of a weight: keeps honest results below 2^41
@@ -44,7 +46,7 @@ class RingWeight:
     def __init__(self, q: torch.Tensor):
         q = q.to(torch.int32)
         if q.shape[1] > MAX_INNER or int(q.abs().max()) > WEIGHT_MAX:
-            raise ValueError(f"ring weight of shape {list(q.shape)} exceeds the int8-limb budget")
+            raise ConfigError(f"ring weight of shape {list(q.shape)} exceeds the int8-limb budget")
         lo = ((q + 128) & 255) - 128
         hi = (q - lo) >> 8  # exact: q - lo is a multiple of 256
         self.d_out, self.d_in = q.shape
@@ -63,7 +65,7 @@ class RingWeight:
 def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer weights as int64, per-output-channel float32 scale) of a float32 (d_out, d_in) weight."""
     if w.shape[1] > MAX_D_IN:
-        raise ValueError(f"d_in {w.shape[1]} exceeds the ring budget of {MAX_D_IN}")
+        raise ConfigError(f"d_in {w.shape[1]} exceeds the ring budget of {MAX_D_IN}")
     w = w.float()
     scale = (w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     q = torch.round(w / scale).clamp_(-WEIGHT_MAX, WEIGHT_MAX)

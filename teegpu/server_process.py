@@ -1,6 +1,7 @@
 """Start a GPU server as a child process (the one-command demo, tests, benchmarks)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import threading
 import time
 
 from teegpu.errors import ServerUnavailable
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 
 READY_PREFIX = "teegpu server ready on "
 
@@ -17,13 +18,9 @@ class ServerProcess:
     """A `teegpu serve` child; `endpoint` is where it listens once `wait_ready` returns."""
 
     def __init__(self, config: ServerConfig, extra_env: dict | None = None):
-        cmd = [sys.executable, "-m", "teegpu.cli", "serve", "--endpoint", config.endpoint,
-               "--device", config.device, "--dtype", config.dtype, "--data-plane", config.data_plane,
-               "--busy-poll-us", str(config.busy_poll_us), "--privacy", config.privacy]
-        if config.model is not None:
-            cmd += ["--model", str(config.model)]
-        if config.curve_secret is not None:
-            cmd += ["--curve-secret", config.curve_secret, "--curve-allow", config.curve_allow]
+        if config.parent_pid is None:  # a private server never outlives the process that started it
+            config = dataclasses.replace(config, parent_pid=os.getpid())
+        cmd = [sys.executable, "-m", "teegpu.cli", "serve", *config.to_argv()]
         env = {**os.environ, **(extra_env or {})}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         self.endpoint: str | None = None

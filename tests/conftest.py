@@ -6,7 +6,7 @@ import torch
 
 from teegpu.model.loading import load_tokenizer, load_weights
 from teegpu.model.reference import transformers_model
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
 from teegpu.transport import private_endpoint

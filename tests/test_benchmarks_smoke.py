@@ -1,5 +1,8 @@
 """The benchmarks run end to end on a tiny model, so they cannot rot. Timings are not asserted."""
+import statistics
+
 from bench import rpc_log_overhead, rpc_round_trip
+from teegpu.options import rpcs_per_forward
 
 
 def test_rpc_round_trip_bench_runs(tiny_model_dir):
@@ -11,7 +14,10 @@ def test_rpc_round_trip_bench_runs(tiny_model_dir):
 def test_rpc_log_overhead_bench_runs(tiny_model_dir):
     res = rpc_log_overhead.measure(tokens=4, repeats=2, model=str(tiny_model_dir))
     assert set(res["decode_ms_per_token"]) == {"off", "on"}
-    assert res["median_ratio_on_off"] > 0
+    times = res["times_ms_per_token"]
+    assert len(times["off"]) == len(times["on"]) == 2 and all(t > 0 for t in times["off"] + times["on"])
+    pairs = [on / off for on, off in zip(times["on"], times["off"])]
+    assert res["median_ratio_on_off"] == statistics.median(pairs)  # the ratio is of the pairs measured
 
 
 def test_side_by_side_bench_runs_every_column(tiny_model_dir):
@@ -30,7 +36,7 @@ def test_side_by_side_bench_runs_every_column(tiny_model_dir):
     assert cols["otp shm"]["offline_ms_per_token"]["min"] > 0
     for name in splits:
         c = cols[name]
-        assert c["rpcs_per_token"]["median"] == res["expected_rpcs_per_token"] == 4 * 3 + 1
+        assert c["rpcs_per_token"]["median"] == res["expected_rpcs_per_token"] == rpcs_per_forward(3)
         assert c["bytes_per_token"]["median"] > 0
         assert all(c[k]["min"] > 0 for k in ("prefill_8_ms", "prefill_16_ms", "decode_ms_per_token",
                                              "rpc_overhead_us", "transfer_ms", "server_ms_per_token",
@@ -42,3 +48,13 @@ def test_side_by_side_bench_runs_every_column(tiny_model_dir):
     lines = suite.targets(res)
     assert sum(": decode " in line for line in lines) == len(splits) + 1  # and the cost of plain --verify
     assert sum("online decode" in line for line in lines) == 2
+
+
+def test_serving_bench_runs_through_the_api(tiny_model_dir):
+    from bench import serve
+
+    res = serve.measure([1, 2], tokens=4, rounds=1, model=str(tiny_model_dir))
+    one, two = res["levels"][1], res["levels"][2]
+    assert one["tokens"] == 4 and two["tokens"] == 8  # ignore_eos: every stream has exactly its tokens
+    assert one["ratio_tokens_per_s"] == 1.0 and two["ratio_tokens_per_s"] == two["tokens_per_s"] / one["tokens_per_s"]
+    assert "target" in serve.format_table(res)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+from teegpu.options import rpcs_per_forward
+
 CLI = [sys.executable, "-m", "teegpu.cli"]
 
 
@@ -15,14 +17,15 @@ def test_generate_json_answers_from_two_processes():
     assert 0 < len(result["token_ids"]) <= 20 and result["prompt_tokens"] > 10
     assert set(result["timings"]) == {"load_s", "prefill_ms", "decode_ms_per_token", "trusted_ms"}
     forwards = len(result["token_ids"]) + (result["finish_reason"] == "stop")
-    assert result["rpc"]["calls"] == 121 * forwards  # 4 x 30 layers + LM head, per forward
+    assert result["rpc"]["calls"] == rpcs_per_forward(30) * forwards  # 4 x 30 layers + LM head, per forward
     assert "teegpu server stopped" in out.stderr  # the private server was started and stopped
     otp = subprocess.run(CLI + ["generate", "--chat", "What is the capital of France?", "--max-new-tokens", "20",
                                 "--json", "--privacy", "otp", "--verify"], capture_output=True, text=True, timeout=600)
     assert otp.returncode == 0, otp.stderr
     padded = json.loads(otp.stdout)
     assert padded["token_ids"] == result["token_ids"]  # the same greedy answer through one-time pads
-    assert padded["timings"]["offline_ms_per_token"] > 0 and "mask pool 121/121" in otp.stderr
+    assert padded["timings"]["offline_ms_per_token"] > 0
+    assert "mask pool" not in otp.stderr  # its progress bar is for terminals; a log gets no bar lines
     assert padded["rpc"]["calls"] == result["rpc"]["calls"]
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from teegpu.errors import ServerUnavailable
+from teegpu.options import rpcs_per_forward
 from teegpu.model.loading import load_tokenizer, load_weights
 from teegpu.protocol import Op, tensor_frame
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine, GenerationConfig
 from teegpu.transport import ClientCurve, RpcClient, generate_keys
@@ -54,7 +55,7 @@ def test_listed_client_generates_over_curve(curve_server, keys, tiny_model_dir):
     curve = ClientCurve(str(keys["client"][1]), str(keys["server"][0]))
     with Engine.connect(weights, tok, curve_server, timeout_ms=10_000, curve=curve) as engine:
         result = engine.generate("Hello", GenerationConfig(max_new_tokens=4, stop_at_eos=False))
-    assert len(result.token_ids) == 4 and result.rpc["calls"] == 4 * (4 * 3 + 1)
+    assert len(result.token_ids) == 4 and result.rpc["calls"] == 4 * rpcs_per_forward(3)
 
 
 def test_unknown_client_is_refused(curve_server, keys):
@@ -105,7 +106,7 @@ def tapped_call(server_url: str, curve):
     tap = WireTap(port)
     x = torch.full((1, 64), 1234.5678)  # a recognisable activation
     with RpcClient(f"tcp://127.0.0.1:{tap.port}", timeout_ms=10_000, curve=curve) as client:
-        _, (y,) = client.call(Op.QKV, 0, [x])
+        y = client.call(Op.QKV, 0, [x]).tensors[0]
         reply = bytes(tensor_frame(y))
     tap.close()
     return bytes(tap.captured), bytes(tensor_frame(x)), reply

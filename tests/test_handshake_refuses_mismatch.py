@@ -3,7 +3,9 @@ import pytest
 
 from conftest import save_tiny_llama
 from teegpu.errors import HandshakeError
-from teegpu.tee.engine import Engine, EngineConfig
+from teegpu.config import EngineConfig, GenerationConfig
+from teegpu.options import rpcs_per_forward
+from teegpu.tee.engine import Engine
 
 
 def test_fingerprint_mismatch_is_refused(tiny_server, tmp_path, smollm2):
@@ -14,4 +16,6 @@ def test_fingerprint_mismatch_is_refused(tiny_server, tmp_path, smollm2):
 
 def test_same_model_is_accepted(tiny_server, tiny_model_dir):
     with Engine.open(EngineConfig(model=str(tiny_model_dir), server=tiny_server.endpoint)) as engine:
-        assert engine.generate([1, 2, 3]).prompt_tokens == 3
+        assert engine.hello.fingerprint == engine.weights.fingerprint
+        result = engine.generate([1, 2, 3], GenerationConfig(max_new_tokens=5, stop_at_eos=False))
+        assert len(result.token_ids) == 5 and result.rpc["calls"] == 5 * rpcs_per_forward(3)

@@ -1,10 +1,13 @@
 """Anything that is not a LLaMA model gets a clear ModelLoadError naming the problem."""
+import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 
-from teegpu.errors import ModelLoadError
-from teegpu.model.loading import load_weights
+from teegpu.errors import ConfigError, ModelLoadError
+from teegpu.model.loading import default_model_path, load_weights, verify_model_sha256
 
 
 def test_missing_path(tmp_path):
@@ -27,8 +30,6 @@ def test_corrupt_gguf(tmp_path):
 
 
 def test_truncated_real_gguf(tmp_path):
-    from teegpu.model.loading import default_model_path
-
     f = tmp_path / "half.gguf"
     f.write_bytes(default_model_path().read_bytes()[: 5_000_000])
     with pytest.raises(ModelLoadError):
@@ -54,23 +55,24 @@ def test_corrupt_safetensors(tmp_path, tiny_model_dir):
         load_weights(tmp_path)
 
 
-def test_model_sha256_pin(tiny_model_dir):
-    import hashlib
-    import subprocess
-    import sys
-
-    from teegpu.errors import ConfigError
-    from teegpu.model.loading import default_model_path, verify_model_sha256
-
+def test_model_sha256_pin_accepts_the_right_file_in_any_case():
     path = default_model_path()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    verify_model_sha256(None, digest.upper())  # the right file passes (hex case does not matter)
-    with pytest.raises(ModelLoadError, match="expected"):
-        verify_model_sha256(None, "0" * 64)
-    with pytest.raises(ConfigError, match="64 hex digits"):
-        verify_model_sha256(None, "abc")
+    verify_model_sha256(None, hashlib.sha256(path.read_bytes()).hexdigest().upper())
+
+
+@pytest.mark.parametrize("pin,error,text", [("0" * 64, ModelLoadError, "expected"),
+                                            ("abc", ConfigError, "64 hex digits")])
+def test_model_sha256_pin_refuses(pin, error, text):
+    with pytest.raises(error, match=text):
+        verify_model_sha256(None, pin)
+
+
+def test_model_sha256_pin_refuses_a_directory(tiny_model_dir):
     with pytest.raises(ConfigError, match="directory"):
-        verify_model_sha256(str(tiny_model_dir), digest)
+        verify_model_sha256(str(tiny_model_dir), "0" * 64)
+
+
+def test_model_sha256_pin_stops_the_cli():
     out = subprocess.run([sys.executable, "-m", "teegpu.cli", "generate", "--local", "hi", "--model-sha256",
                           "1" * 64], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "refusing a different model file" in out.stderr

@@ -50,16 +50,19 @@ def test_unpadded_results_equal_the_integer_product(otp_engine, rows):
         assert torch.equal(got, want), (op, layer)
 
 
-def test_refusals(smollm2, smollm2_servers):
-    from teegpu.errors import ConfigError, HandshakeError
-    from teegpu.tee.engine import EngineConfig
+def test_offload_attention_is_refused_with_otp():
+    from teegpu.config import EngineConfig
+    from teegpu.errors import ConfigError
 
-    weights, tok = smollm2
     with pytest.raises(ConfigError, match="offload-attention"):
         EngineConfig(privacy="otp", offload_attention=True)
+
+
+@pytest.mark.parametrize("client,server", [("otp", "plain"), ("plain", "otp")])
+def test_privacy_mode_mismatch_is_refused(smollm2, smollm2_servers, client, server):
+    from teegpu.errors import HandshakeError
     from teegpu.tee.engine import Engine
 
-    with pytest.raises(HandshakeError, match="--privacy otp"):  # a plain server
-        Engine.connect(weights, tok, smollm2_servers("ipc"), privacy="otp").close()
-    with pytest.raises(HandshakeError, match="--privacy plain"):  # an otp server
-        Engine.connect(weights, tok, smollm2_servers("ipc", privacy="otp"), privacy="plain").close()
+    weights, tok = smollm2
+    with pytest.raises(HandshakeError, match=f"--privacy {client}"):
+        Engine.connect(weights, tok, smollm2_servers("ipc", privacy=server), privacy=client).close()

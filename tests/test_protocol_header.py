@@ -9,8 +9,8 @@ from teegpu.protocol import HEADER_BASE_BYTES, ErrorCode, Op, decode_header, enc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.int64])
 def test_round_trip_without_copy(dtype):
     x = (torch.randn(3, 5) * 10).to(dtype)
-    head = decode_header(encode_header(Op.GATE_UP, 77, 4, [x], compute_ns=5, queue_ns=6))
-    assert (head.op, head.request_id, head.layer, head.compute_ns, head.queue_ns) == (Op.GATE_UP, 77, 4, 5, 6)
+    head = decode_header(encode_header(Op.GATE_UP, 77, 4, [x], compute_ns=5, overhead_ns=6))
+    assert (head.op, head.request_id, head.layer, head.compute_ns, head.overhead_ns) == (Op.GATE_UP, 77, 4, 5, 6)
     frame = bytearray(tensor_frame(x))
     (y,) = tensors_from_frames(head.tensors, [frame])
     assert torch.equal(x, y)

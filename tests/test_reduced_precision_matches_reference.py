@@ -46,6 +46,6 @@ def test_bfloat16_differs_from_float32(smollm2, smollm2_servers):
     ids = engines[0].encode("The capital of France is")
     logits = [e.forward(ids, 0, e.new_cache(len(ids))) for e in engines]
     assert 1e-3 < (logits[0] - logits[1]).abs().max() < 5.0
-    assert engines[1].server_info["dtype"] == "bfloat16"
+    assert engines[1].hello.dtype == "bfloat16"
     for e in engines:
         e.close()

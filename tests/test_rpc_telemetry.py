@@ -12,6 +12,7 @@ from conftest import connect_engine
 from teegpu.telemetry import SCHEMA_VERSION
 from teegpu.telemetry.analyze import LogError, analyze, follow, percentile, read_log
 from teegpu.tee.engine import GenerationConfig
+from teegpu.options import rpcs_per_forward
 
 CLI = [sys.executable, "-m", "teegpu.cli"]
 RUN = {"type": "run", "schema_version": SCHEMA_VERSION, "transport": "tcp", "num_layers": 1, "model": "m"}
@@ -20,7 +21,7 @@ RUN = {"type": "run", "schema_version": SCHEMA_VERSION, "transport": "tcp", "num
 def synthetic_record(seq, op, phase, token, total, compute, sent, received):
     return {"seq": seq, "op": op, "layer": 0, "phase": phase, "token": token, "transport": "tcp",
             "start_ms": seq * 10.0, "serialize_ms": 0.1, "send_ms": 0.2, "wait_ms": total - 0.6,
-            "server_compute_ms": compute, "server_queue_ms": 0.05, "recv_ms": 0.1, "deserialize_ms": 0.2,
+            "server_compute_ms": compute, "server_overhead_ms": 0.05, "recv_ms": 0.1, "deserialize_ms": 0.2,
             "total_ms": total, "bytes_sent": sent, "bytes_received": received, "throughput_mb_s": 0.0}
 
 
@@ -64,8 +65,8 @@ def test_real_run_records_every_rpc(tmp_path, smollm2, smollm2_servers):
     result = engine.generate("Count to five:", GenerationConfig(max_new_tokens=6, stop_at_eos=False))
     engine.close()
     data = read_log(log)
-    assert len(data.records) == engine.client.stats.calls - calls_before == result.rpc["calls"] == 6 * 121
-    assert [r["seq"] for r in data.records] == list(range(1, 6 * 121 + 1))
+    assert len(data.records) == engine.client.stats.calls - calls_before == result.rpc["calls"] == 6 * rpcs_per_forward(30)
+    assert [r["seq"] for r in data.records] == list(range(1, 6 * rpcs_per_forward(30) + 1))
     for r in data.records:
         assert 0 < r["server_compute_ms"] <= r["total_ms"]
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
@@ -108,28 +109,50 @@ def run_analyze(path):
     return out
 
 
-def test_bad_logs_get_clear_messages(tmp_path):
-    rec = synthetic_record(1, "QKV", "prefill", 0, 2.0, 1.0, 10, 10)
+def test_cut_last_line_is_noted(tmp_path):
     cut = tmp_path / "cut.jsonl"
-    write_log(cut, [rec], tail='{"seq": 2, "op": "Q')
+    write_log(cut, [synthetic_record(1, "QKV", "prefill", 0, 2.0, 1.0, 10, 10)], tail='{"seq": 2, "op": "Q')
     out = run_analyze(cut)
     assert out.returncode == 0 and "last line was cut off" in out.stdout
+
+
+def test_corrupt_lines_are_skipped_and_counted(tmp_path):
+    rec = synthetic_record(1, "QKV", "prefill", 0, 2.0, 1.0, 10, 10)
     corrupt = tmp_path / "corrupt.jsonl"
     corrupt.write_text(json.dumps(RUN) + "\nnot json\n" + json.dumps(rec) + "\n{\"seq\": 1}\n")
     out = run_analyze(corrupt)
     assert out.returncode == 0 and "2 corrupt line(s) skipped" in out.stdout and "calls 1" in out.stdout
+
+
+def test_empty_log_is_refused(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     out = run_analyze(empty)
     assert out.returncode == 2 and "no RPC records" in out.stderr
-    old = tmp_path / "old.jsonl"
-    write_log(old, [rec], run={**RUN, "schema_version": 0})
-    out = run_analyze(old)
-    assert out.returncode == 2 and "schema version 0" in out.stderr
-    out = run_analyze(tmp_path / "missing.jsonl")
-    assert out.returncode == 2 and "cannot read" in out.stderr
     with pytest.raises(LogError):
         read_log(empty)
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    old = tmp_path / "old.jsonl"
+    write_log(old, [synthetic_record(1, "QKV", "prefill", 0, 2.0, 1.0, 10, 10)], run={**RUN, "schema_version": 0})
+    out = run_analyze(old)
+    assert out.returncode == 2 and "schema version 0" in out.stderr
+
+
+def test_missing_file_is_named(tmp_path):
+    out = run_analyze(tmp_path / "missing.jsonl")
+    assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_schema_1_logs_still_read(tmp_path):
+    """Version 1 called the server's overhead server_queue_ms; its logs still give the same figures."""
+    rec = synthetic_record(1, "QKV", "prefill", 0, 2.0, 1.0, 10, 10)
+    rec["server_queue_ms"] = rec.pop("server_overhead_ms")
+    write_log(tmp_path / "v1.jsonl", [rec], run={**RUN, "schema_version": 1})
+    data = read_log(tmp_path / "v1.jsonl")
+    assert len(data.records) == 1 and data.records[0]["server_overhead_ms"] == 0.05
+    assert analyze(data)["calls"] == 1
 
 
 def test_follow_prints_live_summaries(tmp_path):

@@ -12,48 +12,51 @@ from teegpu.errors import ServerError, ServerUnavailable
 from teegpu.protocol import ErrorCode, Op, encode_header, tensor_frame
 from teegpu.transport import RpcClient
 
+from raw_requests import raw_error
+
 HIDDEN = 64
 
 
 def good_call(client):
-    _, (y,) = client.call(Op.QKV, 0, [torch.randn(2, HIDDEN)])
+    y = client.call(Op.QKV, 0, [torch.randn(2, HIDDEN)]).tensors[0]
     assert y.shape == (2, 4 * 16 + 2 * 2 * 16)
 
 
-def expect_error(client, code, **call):
-    with pytest.raises(ServerError) as info:
-        client.call(**call)
-    assert info.value.code == code, str(info.value)
-    assert str(info.value)  # names the problem
-    good_call(client)  # still serving
-    return str(info.value)
+X = torch.randn(2, HIDDEN)
+# (case, call arguments, expected code, text the message must contain)
+BAD_CALLS = [
+    ("unknown op", dict(op=99, layer=0, tensors=[X]), ErrorCode.UNKNOWN_METHOD, "unknown op 99"),
+    ("layer out of range", dict(op=Op.QKV, layer=3, tensors=[X]), ErrorCode.BAD_LAYER, "layer 3"),
+    ("lm head with a layer", dict(op=Op.LM_HEAD, layer=0, tensors=[X]), ErrorCode.BAD_LAYER, "layer -1"),
+    ("wrong dtype", dict(op=Op.QKV, layer=0, tensors=[X.double()]), ErrorCode.BAD_DTYPE, "float64"),
+    ("wrong width", dict(op=Op.QKV, layer=0, tensors=[torch.randn(2, HIDDEN + 1)]), ErrorCode.BAD_SHAPE, "65"),
+    ("width of another op", dict(op=Op.DOWN, layer=0, tensors=[X]), ErrorCode.BAD_SHAPE, "DOWN"),
+    ("two tensors", dict(op=Op.QKV, layer=0, tensors=[X, X]), ErrorCode.BAD_FRAMES, "got 2"),
+]
+HEADER = encode_header(Op.QKV, 1, 0, [X])
+BAD_FRAMES = [
+    ("truncated tensor frame", [HEADER, bytes(tensor_frame(X))[:100]], ErrorCode.BAD_FRAMES, "100 bytes"),
+    ("tensor frame missing", [HEADER], ErrorCode.BAD_FRAMES, "has 0"),
+    ("header cut short", [HEADER[:10]], ErrorCode.BAD_FRAMES, "header frame of 10 bytes"),
+    ("other protocol version", [struct.pack("<H", 99) + HEADER[2:], tensor_frame(X)], ErrorCode.BAD_VERSION, "99"),
+]
 
 
-def test_each_bad_request_gets_its_error(tiny_server):
-    client = RpcClient(tiny_server.endpoint, timeout_ms=5_000)
-    good_call(client)
-    x = torch.randn(2, HIDDEN)
-    expect_error(client, ErrorCode.UNKNOWN_METHOD, op=99, layer=0, tensors=[x])
-    msg = expect_error(client, ErrorCode.BAD_LAYER, op=Op.QKV, layer=3, tensors=[x])
-    assert "layer 3" in msg
-    expect_error(client, ErrorCode.BAD_LAYER, op=Op.LM_HEAD, layer=0, tensors=[x])
-    msg = expect_error(client, ErrorCode.BAD_DTYPE, op=Op.QKV, layer=0, tensors=[x.double()])
-    assert "float64" in msg
-    expect_error(client, ErrorCode.BAD_SHAPE, op=Op.QKV, layer=0, tensors=[torch.randn(2, HIDDEN + 1)])
-    expect_error(client, ErrorCode.BAD_SHAPE, op=Op.DOWN, layer=0, tensors=[x])
-    expect_error(client, ErrorCode.BAD_FRAMES, op=Op.QKV, layer=0, tensors=[x, x])
-    # truncated tensor frame: the header promises 2x64 floats, the frame carries fewer bytes
-    header = encode_header(Op.QKV, 1, 0, [x])
-    msg = expect_error(client, ErrorCode.BAD_FRAMES, op=Op.QKV, layer=0, header=header,
-                       frames=[bytes(tensor_frame(x))[:100]])
-    assert "100 bytes" in msg
-    expect_error(client, ErrorCode.BAD_FRAMES, op=Op.QKV, layer=0, header=header, frames=[])
-    expect_error(client, ErrorCode.BAD_FRAMES, op=Op.QKV, layer=0, header=header[:10], frames=[])
-    bad_version = struct.pack("<H", 99) + header[2:]
-    msg = expect_error(client, ErrorCode.BAD_VERSION, op=Op.QKV, layer=0, header=bad_version,
-                       frames=[tensor_frame(x)])
-    assert "99" in msg
-    client.close()
+@pytest.mark.parametrize("case,call,code,text", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_request_gets_its_error(tiny_server, case, call, code, text):
+    with RpcClient(tiny_server.endpoint, timeout_ms=5_000) as client:
+        with pytest.raises(ServerError) as info:
+            client.call(**call)
+        assert info.value.code == code and text in str(info.value), str(info.value)
+        good_call(client)  # still serving
+
+
+@pytest.mark.parametrize("case,frames,code,text", BAD_FRAMES, ids=[c[0] for c in BAD_FRAMES])
+def test_malformed_message_gets_its_error(tiny_server, case, frames, code, text):
+    error = raw_error(tiny_server.endpoint, frames)
+    assert error.code == code and text in str(error), str(error)
+    with RpcClient(tiny_server.endpoint, timeout_ms=5_000) as client:
+        good_call(client)  # still serving
 
 
 def test_killed_server_raises_within_deadline(tiny_server):
@@ -80,6 +83,6 @@ def test_stalled_server_raises_and_stale_reply_is_dropped(tiny_server):
         client.call(Op.QKV, 0, [torch.randn(2, HIDDEN)])
     os.kill(tiny_server.proc.pid, signal.SIGCONT)
     x = torch.randn(1, HIDDEN)
-    _, (y,) = client.call(Op.QKV, 0, [x])
+    y = client.call(Op.QKV, 0, [x]).tensors[0]
     assert y.shape == (1, 128)
     client.close()

@@ -6,14 +6,21 @@ import signal
 import pytest
 import torch
 
-from teegpu.errors import ServerError, ServerUnavailable
+from raw_requests import raw_error
+from teegpu.errors import ProtocolError, ServerError, ServerUnavailable
 from teegpu.protocol import FLAG_SHM, HEADER_BASE_BYTES, ErrorCode, Op, encode_header
-from teegpu.server.linear_server import ServerConfig
+from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.transport import RpcClient, ShmRegion
 from teegpu.transport.shm_region import SHM_DIR
 
 HIDDEN, QKV_OUT = 64, 4 * 16 + 2 * 2 * 16
+
+
+def call(client, *args):
+    """(reply header, the one result tensor) of a call."""
+    reply = client.call(*args)
+    return reply.header, reply.tensors[0]
 
 
 def sent_frames(client):
@@ -35,16 +42,17 @@ def test_tensors_bypass_the_socket_and_results_match(tiny_server):
         # the region is a plain file directly under /dev/shm, only ours to read ...
         path = os.path.join(SHM_DIR, shm.shm.name)
         assert os.path.dirname(path) == SHM_DIR and os.stat(path).st_mode & 0o777 == 0o600
-        _, (want,) = plain.call(Op.QKV, 1, [x])
+        _, want = call(plain, Op.QKV, 1, [x])
         want = want.clone()
         log = sent_frames(shm)
-        head, (got,) = shm.call(Op.QKV, 1, [x])
+        reply = shm.call(Op.QKV, 1, [x])
+        head, got = reply.header, reply.tensors[0]
         assert head.flags & FLAG_SHM and torch.equal(got, want) and got.shape == (3, QKV_OUT)
         assert log[-1] == [HEADER_BASE_BYTES + 18]  # the header with one tensor descriptor, nothing else
-        assert shm.last_sizes[0] >= x.numel() * 4  # the tensor bytes are still counted
+        assert reply.sent >= x.numel() * 4  # the tensor bytes are still counted
         # ... whose name is gone once the server has mapped it: a killed client leaves nothing behind
         assert not os.path.exists(path)
-        head, (again,) = shm.call(Op.QKV, 1, [x])
+        head, again = call(shm, Op.QKV, 1, [x])
         assert head.flags & FLAG_SHM and torch.equal(again, want)
 
 
@@ -53,7 +61,7 @@ def test_after_a_timeout_the_client_attaches_a_fresh_region(tiny_server):
     client attaches a new region (the old name is gone) and keeps the shared-memory plane."""
     x = torch.randn(2, HIDDEN)
     with RpcClient(tiny_server.endpoint, 1_000, data_plane="shm") as client:
-        _, (want,) = client.call(Op.QKV, 0, [x])
+        _, want = call(client, Op.QKV, 0, [x])
         want, first = want.clone(), client.shm.name
         os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # a stalled server
         try:
@@ -61,7 +69,7 @@ def test_after_a_timeout_the_client_attaches_a_fresh_region(tiny_server):
                 client.call(Op.QKV, 0, [x])
         finally:
             os.kill(tiny_server.proc.pid, signal.SIGCONT)
-        head, (got,) = client.call(Op.QKV, 0, [x])
+        head, got = call(client, Op.QKV, 0, [x])
         assert client.data_plane == "shm" and client.shm.name != first
         assert head.flags & FLAG_SHM and torch.equal(got, want)
 
@@ -69,9 +77,9 @@ def test_after_a_timeout_the_client_attaches_a_fresh_region(tiny_server):
 def test_message_larger_than_the_region_goes_inline(tiny_server):
     with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=4096) as client:
         small, big = torch.randn(1, HIDDEN), torch.randn(40, HIDDEN)  # 40 rows: 10 KB in, 20 KB out
-        head, (y,) = client.call(Op.QKV, 0, [small])
+        head, y = call(client, Op.QKV, 0, [small])
         assert head.flags & FLAG_SHM
-        head, (y,) = client.call(Op.QKV, 0, [big])
+        head, y = call(client, Op.QKV, 0, [big])
         assert not head.flags & FLAG_SHM and y.shape == (40, QKV_OUT)
 
 
@@ -79,7 +87,7 @@ def test_reply_that_does_not_fit_comes_inline(tiny_server):
     """Request fits the region, reply would not: the server answers in frames, nothing cut."""
     with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=4096) as client:
         x = torch.randn(12, HIDDEN)  # 3 KB request, 7.7 KB reply
-        head, (y,) = client.call(Op.QKV, 0, [x])
+        head, y = call(client, Op.QKV, 0, [x])
         assert not head.flags & FLAG_SHM and y.shape == (12, QKV_OUT)
 
 
@@ -93,7 +101,7 @@ def test_remote_peer_falls_back_with_a_message(capsys):
 def test_server_that_refuses_shm_means_sockets(tiny_model_dir, capsys):
     config = ServerConfig(model=str(tiny_model_dir), endpoint="tcp://127.0.0.1:*", data_plane="socket")
     with ServerProcess(config) as server, RpcClient(server.wait_ready(), 5_000, data_plane="shm") as client:
-        head, (y,) = client.call(Op.QKV, 0, [torch.randn(2, HIDDEN)])
+        head, y = call(client, Op.QKV, 0, [torch.randn(2, HIDDEN)])
         assert client.data_plane == "socket" and not head.flags & FLAG_SHM and y.shape == (2, QKV_OUT)
         assert "--data-plane socket" in capsys.readouterr().err
 
@@ -102,17 +110,14 @@ def test_server_that_refuses_shm_means_sockets(tiny_model_dir, capsys):
 def test_server_rejects_bad_region_names(tiny_server, name):
     with RpcClient(tiny_server.endpoint, 5_000) as client:
         with pytest.raises(ServerError) as e:
-            client.call(Op.ATTACH_SHM, 0, frames=[name.encode()])
+            client.call(Op.ATTACH_SHM, 0, payload=name.encode())
         assert e.value.code == ErrorCode.BAD_SHM
         client.call(Op.QKV, 0, [torch.randn(1, HIDDEN)])  # still serving
 
 
 def test_shm_request_without_a_region_is_refused(tiny_server):
-    with RpcClient(tiny_server.endpoint, 5_000) as client:
-        desc = torch.empty(1, HIDDEN)
-        with pytest.raises(ServerError) as e:
-            client.call(Op.QKV, 0, header=encode_header(Op.QKV, 0, 0, [desc], flags=FLAG_SHM), frames=[])
-        assert e.value.code == ErrorCode.BAD_SHM and "not attached" in str(e.value)
+    error = raw_error(tiny_server.endpoint, [encode_header(Op.QKV, 0, 0, [torch.empty(1, HIDDEN)], flags=FLAG_SHM)])
+    assert error.code == ErrorCode.BAD_SHM and "not attached" in str(error)
 
 
 def test_region_views_and_bounds():
@@ -121,7 +126,7 @@ def test_region_views_and_bounds():
         other = ShmRegion.attach(region.name)
         region.tensor(64, torch.float32, (4,)).copy_(torch.arange(4.0))
         assert torch.equal(other.tensor(64, torch.float32, (4,)), torch.arange(4.0))  # the same memory
-        with pytest.raises(ValueError, match="exceed"):
+        with pytest.raises(ProtocolError, match="exceed"):
             region.tensor(4000, torch.float32, (100,))
         other.close()
     finally:

@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import VARIANTS, connect_engine, hf_greedy
+from teegpu.options import rpcs_per_forward
 from teegpu.tee.engine import GenerationConfig
 
 PROMPTS = [

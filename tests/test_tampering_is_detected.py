@@ -9,11 +9,12 @@ import torch
 import zmq
 
 from teegpu.errors import IntegrityError
+from teegpu.options import rpcs_per_forward
 from teegpu.protocol import LINEAR_OPS, Op, TensorDesc, decode_header, encode_header, tensor_frame
 from teegpu.tee.engine import Engine, GenerationConfig
 
 TAMPERS = ["noise", "plus_one", "minus_one", "top_bit", "zero", "replay", "swap_rows", "wrong_shape", "wrong_dtype"]
-FORWARD = 4 * 30 + 1
+FORWARD = rpcs_per_forward(30)
 
 
 class TamperingProxy:

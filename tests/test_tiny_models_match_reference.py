@@ -5,6 +5,7 @@ import torch
 
 from conftest import hf_greedy, save_tiny_llama
 from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
+from teegpu.options import rpcs_per_forward
 
 VARIANTS = {
     "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
@@ -33,7 +34,7 @@ def test_tiny_llama_matches_transformers(variant, tmp_path, smollm2):
             assert (logits[0] - ref_logits[len(ids) + i]).abs().max() < 1e-3
         result = engine.generate(ids, GenerationConfig(max_new_tokens=32, stop_at_eos=False))
         assert result.token_ids == ref_new
-        assert result.rpc["calls"] == 32 * (4 * ref.config.num_hidden_layers + 1)
+        assert result.rpc["calls"] == 32 * rpcs_per_forward(ref.config.num_hidden_layers)
 
 
 def test_llama3_scaling_changes_the_rotary_frequencies():

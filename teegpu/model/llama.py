@@ -18,39 +18,67 @@ from teegpu.protocol import Op
 
 
 class Linears(Protocol):
+    """The seam: what multiplies by the served weights (the server, or the trusted side itself)."""
+
+    telemetry: object | None  # an RpcTelemetry when products cross to a server
+
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x (T, d_in) times the op's weight of that layer, transposed: (T, d_out)."""
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Batched a @ b for --offload-attention (plaintext Q*K^T and P*V)."""
 
+    def stats(self) -> dict:
+        """Running totals (calls, bytes, time breakdown); empty when nothing crosses a wire."""
+
+    def close(self) -> None:
+        """Release sockets, threads and pads."""
+
 
 @dataclass(slots=True)
-class Norms:
-    """The trusted side's small tensors: embeddings, norms, rotary tables."""
+class TrustedWeights:
+    """The weights that never leave the trusted side: token embeddings and the norms."""
 
     embed: torch.Tensor
     attn_norm: list[torch.Tensor]
     ffn_norm: list[torch.Tensor]
     final_norm: torch.Tensor
-    cos: torch.Tensor  # (max_positions, head_dim)
+
+
+@dataclass(slots=True)
+class RopeTables:
+    cos: torch.Tensor  # (positions, head_dim)
     sin: torch.Tensor
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, indexed by position (gpt-fast style)."""
+    """One sequence's keys and values of every layer, indexed by position (gpt-fast style).
+    Allocated uninitialised: pages are only committed as positions are written."""
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype=torch.float32):
         shape = (config.num_layers, config.num_kv_heads, max_positions, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = torch.empty(shape, dtype=dtype)
+        self.v = torch.empty(shape, dtype=dtype)
         self.max_positions = max_positions
+
+    @staticmethod
+    def nbytes_for(config: ModelConfig, positions: int, dtype) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * positions * config.head_dim * dtype.itemsize
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[1]
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+@dataclass(slots=True)
+class Segment:
+    """One sequence's rows in a packed step: its cache, and the position of its first row."""
+
+    cache: KVCache
+    start: int
+    length: int
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,12 +109,12 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, freq_factors: torch.Tensor | 
     return inv
 
 
-def rope_tables(config: ModelConfig, max_positions: int, freq_factors=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: ModelConfig, max_positions: int, freq_factors=None) -> RopeTables:
     inv = rope_inv_freq(config.rope, config.head_dim, freq_factors)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     scale = config.rope.attention_factor
-    return emb.cos() * scale, emb.sin() * scale
+    return RopeTables(emb.cos() * scale, emb.sin() * scale)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,33 +163,47 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def decoder_layer(x, i: int, cfg: ModelConfig, norms: Norms, linears: Linears, cache: KVCache,
-                  start: int, offload_attention: bool = False) -> torch.Tensor:
-    t = x.shape[0]
-    h = rms_norm(x, norms.attn_norm[i], cfg.rms_norm_eps)
+def attend(q, k, v, seg: Segment, layer: int, linears: Linears, offload: bool) -> torch.Tensor:
+    """One sequence's attention over its cache: q/k/v (heads, T, D) of its rows; returns (T, H*D)."""
+    k, v = seg.cache.update(layer, seg.start, k, v)
+    if offload:
+        return attention_offloaded(q, k, v, seg.start, linears, layer)
+    return attention(q, k, v, seg.start)
+
+
+def decoder_layer(x, i: int, cfg: ModelConfig, tw: TrustedWeights, cos, sin, linears: Linears,
+                  segments: list[Segment], offload_attention: bool = False) -> torch.Tensor:
+    """x (N, hidden): the packed rows of every sequence; products batched, attention per sequence."""
+    n = x.shape[0]
+    h = rms_norm(x, tw.attn_norm[i], cfg.rms_norm_eps)
     qkv = linears.linear(Op.QKV, i, h)
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = q.view(t, cfg.num_heads, cfg.head_dim).transpose(0, 1)
-    k = k.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-    v = v.view(t, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-    cos, sin = norms.cos[start:start + t], norms.sin[start:start + t]
+    q = q.view(n, cfg.num_heads, cfg.head_dim).transpose(0, 1)
+    k = k.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+    v = v.view(n, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = cache.update(i, start, k, v)
-    if offload_attention:
-        a = attention_offloaded(q, k, v, start, linears, i)
-    else:
-        a = attention(q, k, v, start)
+    parts, row = [], 0
+    for seg in segments:
+        rows = slice(row, row + seg.length)
+        parts.append(attend(q[:, rows], k[:, rows], v[:, rows], seg, i, linears, offload_attention))
+        row += seg.length
+    a = parts[0] if len(parts) == 1 else torch.cat(parts)
     x = x + linears.linear(Op.O, i, a)
-    h = rms_norm(x, norms.ffn_norm[i], cfg.rms_norm_eps)
+    h = rms_norm(x, tw.ffn_norm[i], cfg.rms_norm_eps)
     return x + linears.linear(Op.DOWN, i, swiglu(linears.linear(Op.GATE_UP, i, h)))
 
 
-def forward(ids: torch.Tensor, start: int, cfg: ModelConfig, norms: Norms, linears: Linears,
-            cache: KVCache, all_logits: bool = False, offload_attention: bool = False) -> torch.Tensor:
-    """Logits for ids (T,) placed at positions start..start+T-1: (T, vocab) or (1, vocab)."""
-    x = norms.embed[ids]
+def forward(ids: torch.Tensor, segments: list[Segment], cfg: ModelConfig, tw: TrustedWeights, rope: RopeTables,
+            linears: Linears, logit_rows: list[int] | None = None, offload_attention: bool = False) -> torch.Tensor:
+    """Logits for packed rows: ids (N,) are the segments' tokens one after another, each segment
+    at its own positions. Returns the logits of `logit_rows` (all rows when None)."""
+    positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
+    cos, sin = rope.cos[positions], rope.sin[positions]
+    x = tw.embed[ids]
     for i in range(cfg.num_layers):
-        x = decoder_layer(x, i, cfg, norms, linears, cache, start, offload_attention)
-    if not all_logits:
-        x = x[-1:]
-    return linears.linear(Op.LM_HEAD, -1, rms_norm(x, norms.final_norm, cfg.rms_norm_eps))
+        x = decoder_layer(x, i, cfg, tw, cos, sin, linears, segments, offload_attention)
+    if logit_rows is not None:
+        if not logit_rows:  # a step of prompt chunks that finish no prompt: no LM head round trip
+            return x.new_empty(0, cfg.vocab_size)
+        x = x[logit_rows]
+    return linears.linear(Op.LM_HEAD, -1, rms_norm(x, tw.final_norm, cfg.rms_norm_eps))

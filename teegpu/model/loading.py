@@ -5,6 +5,7 @@ the cache directory, keyed by the file's SHA-256, so later starts are fast.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -98,21 +99,45 @@ def load_weights(model: str | os.PathLike | None) -> ModelWeights:
 
 
 def _load_gguf_cached(path: Path) -> ModelWeights:
+    """The cached fp32 weights of a GGUF file, built on first use. Two processes starting at once
+    (a client and its private server) do not both build it: one holds the lock, the other waits
+    and then reads what the first wrote."""
     folder = gguf_cache_dir(path)
+    weights = _read_cache(folder)
+    if weights is not None:
+        return weights
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to dequantise {path.name} into {folder}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        weights = _read_cache(folder)
+        if weights is None:
+            weights = _build_cache(path, folder)
+    return weights
+
+
+def _read_cache(folder: Path) -> ModelWeights | None:
     meta_file = folder / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("cache_version") == CACHE_VERSION:
-            config = ModelConfig.from_dict(meta["config"])
-            return ModelWeights.from_flat(config, load_file(folder / "weights.safetensors"), meta["fingerprint"])
+    if not meta_file.is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("cache_version") != CACHE_VERSION:
+        return None
+    config = ModelConfig.from_dict(meta["config"])
+    return ModelWeights.from_flat(config, load_file(folder / "weights.safetensors"), meta["fingerprint"])
+
+
+def _build_cache(path: Path, folder: Path) -> ModelWeights:
     log(f"first load of {path.name}: dequantising GGUF (cached in {folder} for next time)")
     config, flat = read_gguf(path)
     weights = ModelWeights.from_flat(config, flat)
-    folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "weights.safetensors", lambda p: save_file(weights.to_flat(), p))
     meta = {"cache_version": CACHE_VERSION, "source": str(path), "config": config.to_dict(),
             "fingerprint": weights.fingerprint}
-    _atomic_write(meta_file, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    _atomic_write(folder / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return weights
 
 

@@ -1,5 +1,6 @@
-"""The untrusted GPU server. It imports model loading, protocol and transport only:
-never teegpu.tee (secrets, masks and the KV cache live there)."""
-from teegpu.server.linear_server import LinearServer, ServerConfig, serve
+"""The untrusted GPU server. It imports the shared modules only (teegpu.config, options, protocol,
+errors, ring, model, transport): never teegpu.tee, where secrets, pads and the KV cache live.
+tests/test_server_imports_no_trusted_code.py holds it to that."""
+from teegpu.server.linear_server import LinearServer, serve
 
-__all__ = ["LinearServer", "ServerConfig", "serve"]
+__all__ = ["LinearServer", "serve"]

@@ -1,59 +1,27 @@
 """Serves the model's linear layers. Stateless per request; every request validated."""
 from __future__ import annotations
 
-import json
+import os
 import signal
 import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
+from teegpu.config import ServerConfig
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
-    ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Op, TensorDesc,
-    decode_header, encode_header, shm_offsets, tensor_frame, tensors_from_frames,
+    ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
+    decode_header, encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames,
 )
 from teegpu.ring import RingWeight, quantize_linears, ring_fingerprint, ring_matmul
-from teegpu.transport import DATA_PLANES, ServerCurve, ServerSocket, ShmRegion
+from teegpu.transport import ServerCurve, ServerSocket, ShmRegion
 
-DEVICES = ("auto", "cpu", "cuda")
-PRIVACY_MODES = ("plain", "otp")
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    model: str | None = None
-    endpoint: str = "tcp://127.0.0.1:5555"
-    device: str = "auto"
-    dtype: str = "float32"
-    # after each reply, poll without sleeping this long before blocking. Pays where the server
-    # host has idle cores (a GPU server): the next request of a decode step follows within
-    # tens of microseconds. On a 2-core host it steals the client's core (BENCHMARKS.md).
-    busy_poll_us: int = 0
-    data_plane: str = "shm"  # "shm": clients on this host may attach a shared region; "socket": refuse
-    privacy: str = "plain"  # "otp": integer weights, only padded int64 activations accepted
-    curve_secret: str | None = None  # CURVE: this server's NAME.key_secret; needs curve_allow
-    curve_allow: str | None = None  # CURVE: directory of the client public keys it accepts
-
-    def __post_init__(self):
-        if (self.curve_secret is None) != (self.curve_allow is None):
-            raise ConfigError("CURVE needs both the server's secret key and the client allow list")
-        if self.privacy not in PRIVACY_MODES:
-            raise ConfigError(f"privacy {self.privacy!r}: choose one of {PRIVACY_MODES}")
-        if self.data_plane not in DATA_PLANES:
-            raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
-        if self.busy_poll_us < 0:
-            raise ConfigError(f"busy_poll_us must be >= 0, got {self.busy_poll_us}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
-        if self.dtype not in WIRE_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {tuple(WIRE_DTYPES)}")
 
 
 def pick_device(device: str) -> torch.device:
@@ -89,16 +57,10 @@ class LinearServer:
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
 
-    def hello(self) -> bytes:
-        return json.dumps({
-            "protocol": PROTOCOL_VERSION,
-            "fingerprint": self.fingerprint,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "privacy": self.privacy,
-            "ring_fingerprint": self.ring_fingerprint,
-            "config": self.config.to_dict(),
-        }).encode()
+    def hello(self) -> Hello:
+        return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
+                     dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), privacy=self.privacy,
+                     ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict())
 
     def handle(self, identity: bytes, header_frame, frames) -> tuple[bytes, list]:
         """Answer one request; raise ProtocolError for anything malformed."""
@@ -108,7 +70,7 @@ class LinearServer:
             raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown op {head.op}")
         op = Op(head.op)
         if op == Op.HELLO:
-            return encode_header(op, head.request_id, head.layer), [self.hello()]
+            return encode_header(op, head.request_id, head.layer), [self.hello().to_bytes()]
         if op == Op.ATTACH_SHM:
             return self._attach(identity, head, frames)
         region = None
@@ -123,7 +85,9 @@ class LinearServer:
                                     f"region of {region.size}")
             inputs = [region.tensor(off, d.dtype, d.shape) for d, off in zip(head.tensors, offsets)]
         else:
-            inputs = tensors_from_frames(head.tensors, frames)
+            # a frame may lie at any address, and CPU GEMM kernels round differently on unaligned
+            # input: align it, so that a result never depends on the data plane that carried it
+            inputs = [t if t.data_ptr() % ALIGN == 0 else t.clone() for t in tensors_from_frames(head.tensors, frames)]
         if op == Op.SINK:
             if len(inputs) != 1:
                 raise ProtocolError(ErrorCode.BAD_FRAMES, f"SINK takes 1 tensor, got {len(inputs)}")
@@ -132,16 +96,15 @@ class LinearServer:
         out_shape = self._out_shape(op, head.layer, inputs)
         out = None
         if region is not None:  # the reply goes after the request when it fits
-            reply_start = -(-request_end // ALIGN) * ALIGN
-            out_offsets, reply_end = shm_offsets([TensorDesc(self.dtype, out_shape)], reply_start)
+            out_offsets, reply_end = reply_offsets(request_end, [TensorDesc(self.dtype, out_shape)])
             if reply_end <= region.size:
                 out = region.tensor(out_offsets[0], self.dtype, out_shape)
         start_ns = time.perf_counter_ns()
         result = self._compute(op, head.layer, inputs, out)
         compute_ns = time.perf_counter_ns() - start_ns
-        queue_ns = time.perf_counter_ns() - received_ns - compute_ns
+        overhead_ns = time.perf_counter_ns() - received_ns - compute_ns
         header = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
-                               queue_ns=queue_ns, flags=FLAG_SHM if out is not None else 0)
+                               overhead_ns=overhead_ns, flags=FLAG_SHM if out is not None else 0)
         return header, [] if out is not None else [tensor_frame(result)]
 
     def _attach(self, identity: bytes, head, frames) -> tuple[bytes, list]:
@@ -151,9 +114,9 @@ class LinearServer:
             raise ProtocolError(ErrorCode.BAD_FRAMES, "ATTACH_SHM takes one frame: the region's name")
         try:
             name = bytes(frames[0].buffer).decode("ascii")
-            region = ShmRegion.attach(name)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ProtocolError(ErrorCode.BAD_SHM, str(e)) from e
+        except UnicodeDecodeError as e:
+            raise ProtocolError(ErrorCode.BAD_SHM, f"region name is not ASCII: {e}") from e
+        region = ShmRegion.attach(name)
         old = self.regions.pop(identity, None)
         if old is not None:
             old.close()
@@ -254,6 +217,8 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
     curve = ServerCurve(config.curve_secret, config.curve_allow) if config.curve_secret else None
     sock = ServerSocket(config.endpoint, curve=curve)
     stop = stop or threading.Event()
+    if config.parent_pid is not None:
+        threading.Thread(target=_stop_when_gone, args=(config.parent_pid, stop), daemon=True).start()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -268,3 +233,11 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
             region.close()
         sock.close()
         print(f"teegpu server stopped after {server.requests} requests", file=sys.stderr, flush=True)
+
+
+def _stop_when_gone(pid: int, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """Set `stop` once process `pid` has exited (we were reparented), even if it died by SIGKILL."""
+    while not stop.wait(interval_s):
+        if os.getppid() != pid:
+            print(f"teegpu server: parent process {pid} is gone, stopping", file=sys.stderr, flush=True)
+            stop.set()

@@ -3,95 +3,31 @@ sampling. Only activations cross to the server, through the `linears` seam."""
 from __future__ import annotations
 
 import json
+import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 
+from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig
 from teegpu.errors import ConfigError, ContextLengthError
-from teegpu.model.llama import KVCache, Linears, Norms, forward, rope_tables
+from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
 from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.weights import ModelWeights
-from teegpu.protocol import WIRE_DTYPES
-from teegpu.server.linear_server import DEVICES, PRIVACY_MODES, ServerConfig
+from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS
+from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.server_process import ServerProcess
-from teegpu.tee.linears import LocalLinears, handshake, open_linears
-from teegpu.tee.sampling import sample
+from teegpu.tee.accounting import GenerationClock
 from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
-from teegpu.transport import DATA_PLANES, ClientCurve, RpcClient, private_endpoint
+from teegpu.tee.linears import LocalLinears, handshake, open_linears
+from teegpu.tee.text_stream import TextStream
+from teegpu.transport import ClientCurve, RpcClient, private_endpoint
 
+PING_TIMEOUT_MS = 2_000  # a health probe's deadline, shorter than a product's
 
-@dataclass(slots=True)
-class EngineConfig:
-    model: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF
-    server: str | None = None  # endpoint of a running server; None starts a private one
-    local: bool = False  # TEE-only baseline: compute everything here, no server
-    # dtype of the products, on the wire and of the trusted side's activations (as transformers
-    # runs a model in that dtype); with `server`, the server's dtype decides
-    dtype: str = "float32"
-    device: str = "auto"  # where a server started by the engine computes
-    data_plane: str = "shm"  # tensors through /dev/shm when the server is on this host, else "socket"
-    timeout_ms: int = 60_000  # deadline of each request
-    offload_attention: bool = False  # plaintext Q*K^T and P*V on the server (the seed's schedule)
-    rpc_log: str | None = None  # JSON Lines file: one record per RPC (see teegpu analyze)
-    privacy: str = "plain"  # "otp": the server sees only one-time-padded integers (docs/security.md)
-    verify: bool = False  # Freivalds' check on every product before it is used
-    mask_pool_rows: int = 32  # otp: pads kept ready per weight (a prompt of more tokens stalls once)
-    # torch intra-op threads of the trusted side. None: 1 with a server (its work is small, and
-    # idle OpenMP workers spinning here steal the cores the server's products need; measured
-    # in BENCHMARKS.md), torch's default when local.
-    threads: int | None = None
-    model_sha256: str | None = None  # refuse a model file with another SHA-256
-    curve_secret: str | None = None  # CURVE to `server`: this client's NAME.key_secret
-    curve_server_key: str | None = None  # CURVE: the pinned server's NAME.key
-
-    def __post_init__(self):
-        if self.timeout_ms <= 0:
-            raise ConfigError(f"timeout_ms must be positive, got {self.timeout_ms}")
-        if self.dtype not in WIRE_DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: choose one of {tuple(WIRE_DTYPES)}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device {self.device!r}: choose one of {DEVICES}")
-        if self.data_plane not in DATA_PLANES:
-            raise ConfigError(f"data plane {self.data_plane!r}: choose one of {DATA_PLANES}")
-        if self.privacy not in PRIVACY_MODES:
-            raise ConfigError(f"privacy {self.privacy!r}: choose one of {PRIVACY_MODES}")
-        if self.privacy == "otp" and self.offload_attention:
-            raise ConfigError("--offload-attention sends Q*K^T and P*V in clear: it cannot be combined with "
-                              "--privacy otp")
-        if self.privacy == "otp" and self.local:
-            raise ConfigError("--privacy otp pads what goes to a server; local (TEE-only) mode has none")
-        if self.mask_pool_rows < 1:
-            raise ConfigError(f"mask_pool_rows must be at least 1, got {self.mask_pool_rows}")
-        if (self.curve_secret is None) != (self.curve_server_key is None):
-            raise ConfigError("CURVE needs both this client's secret key and the server's public key")
-        if self.curve_secret is not None and self.server is None:
-            raise ConfigError("CURVE keys secure a connection to --server; a private server needs none")
-        if self.local and self.server:
-            raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be at least 1, got {self.threads}")
-
-
-@dataclass(slots=True)
-class GenerationConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop_at_eos: bool = True
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+__all__ = ["Engine", "EngineConfig", "GenerationConfig", "GenerationResult"]
 
 
 @dataclass(slots=True)
@@ -99,9 +35,10 @@ class GenerationResult:
     text: str
     token_ids: list[int]  # generated ids only
     prompt_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length"
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     timings: dict = field(default_factory=dict)  # load_s, prefill_ms, decode_ms_per_token
     rpc: dict = field(default_factory=dict)  # calls, bytes_sent, bytes_received
+    logprobs: list = field(default_factory=list)  # with GenerationConfig.logprobs: one entry per token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,17 +55,19 @@ class Engine:
         self.weights = weights
         self.tokenizer = tokenizer
         self.linears = linears
+        self.telemetry = linears.telemetry
         self.offload_attention = offload_attention
         self.client = client
         self.server_process = server_process
-        self.server_info: dict = {}
+        self.hello: Hello | None = None
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
-        self.telemetry = getattr(linears, "telemetry", None)
-        self.norms = Norms(weights.embed.to(dtype), [l.attn_norm.to(dtype) for l in weights.layers],
-                           [l.ffn_norm.to(dtype) for l in weights.layers], weights.final_norm.to(dtype),
-                           torch.empty(0), torch.empty(0))
+        self.trusted = TrustedWeights(weights.embed.to(dtype), [l.attn_norm.to(dtype) for l in weights.layers],
+                                      [l.ffn_norm.to(dtype) for l in weights.layers], weights.final_norm.to(dtype))
+        self.rope = RopeTables(torch.empty(0), torch.empty(0))  # grown by new_cache as positions are needed
+        self._token_text: dict[int, str] = {}
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
 
     @classmethod
     def open(cls, config: EngineConfig) -> "Engine":
@@ -147,22 +86,8 @@ class Engine:
                                               device=config.device, dtype=config.dtype, privacy=config.privacy))
         engine = None
         try:
-            weights = load_weights(config.model)
-            tokenizer = load_tokenizer(config.model)
-            stop_ids = generation_eos_ids(config.model)
-            curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
-            if config.local:
-                dtype = WIRE_DTYPES[config.dtype]
-                engine = cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
-                             offload_attention=config.offload_attention, stop_ids=stop_ids)
-            else:
-                engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
-                                     data_plane=config.data_plane, privacy=config.privacy, verify=config.verify,
-                                     mask_pool_rows=config.mask_pool_rows, curve=curve,
-                                     offload_attention=config.offload_attention, stop_ids=stop_ids)
-                engine.server_process = proc
-                if config.rpc_log:
-                    engine.telemetry.open(config.rpc_log, run_info(config, engine.server_info, engine.client))
+            weights, tokenizer = load_weights(config.model), load_tokenizer(config.model)
+            engine = cls._open_loaded(config, weights, tokenizer, proc)
         except BaseException:
             if engine is not None:
                 engine.close()
@@ -173,28 +98,42 @@ class Engine:
         return engine
 
     @classmethod
-    def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = 60_000,
+    def _open_loaded(cls, config: EngineConfig, weights: ModelWeights, tokenizer, proc) -> "Engine":
+        stop_ids = generation_eos_ids(config.model)
+        if config.local:
+            dtype = WIRE_DTYPES[config.dtype]
+            return cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
+                       offload_attention=config.offload_attention, stop_ids=stop_ids)
+        curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
+        engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
+                             data_plane=config.data_plane, privacy=config.privacy, verify=config.verify,
+                             mask_pool_rows=config.mask_pool_rows, curve=curve,
+                             offload_attention=config.offload_attention, stop_ids=stop_ids)
+        engine.server_process = proc
+        if config.rpc_log:
+            engine.telemetry.open(config.rpc_log, run_info(config, engine.hello, engine.client))
+        return engine
+
+    @classmethod
+    def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS,
                 data_plane: str = "socket", privacy: str = "plain", verify: bool = False,
-                mask_pool_rows: int = 32, curve: ClientCurve | None = None, **kw) -> "Engine":
+                mask_pool_rows: int = DEFAULT_MASK_POOL_ROWS, curve: ClientCurve | None = None, **kw) -> "Engine":
         """An engine on already loaded weights, using the server at `endpoint` after a handshake."""
         check_endpoint_reachable(endpoint)
         client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve)
         try:
-            info = handshake(client, weights, privacy)
-            linears = open_linears(client, weights, info, privacy, verify, mask_pool_rows)
+            hello = handshake(client, weights, privacy)
+            linears = open_linears(client, weights, hello, privacy, verify, mask_pool_rows)
         except BaseException:
             client.close()
             raise
-        dtype = torch.float32 if privacy == "otp" else WIRE_DTYPES[info["dtype"]]
+        dtype = torch.float32 if privacy == "otp" else WIRE_DTYPES[hello.dtype]
         engine = cls(weights, tokenizer, linears, dtype=dtype, client=client, **kw)
-        engine.server_info = info
+        engine.hello = hello
         return engine
 
     def close(self) -> None:
-        if hasattr(self.linears, "close"):
-            self.linears.close()
-        if self.telemetry is not None:
-            self.telemetry.close()
+        self.linears.close()
         if self.client is not None:
             self.client.close()
         if self.server_process is not None:
@@ -206,28 +145,55 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def ping(self, timeout_ms: int = PING_TIMEOUT_MS) -> bool:
+        """Whether the server answers a HELLO soon (always true without one)."""
+        if self.client is None:
+            return True
+        try:
+            self.client.call(Op.HELLO, 0, timeout_ms=min(timeout_ms, self.client.timeout_ms))
+            return True
+        except Exception:
+            return False
+
     # -- the forward pass --
+
+    def cache_bytes(self, positions: int) -> int:
+        return KVCache.nbytes_for(self.config, positions, self.dtype)
 
     def new_cache(self, positions: int) -> KVCache:
         if positions > self.config.max_position_embeddings:
             raise ContextLengthError(
                 f"{positions} positions exceed the context window of {self.config.max_position_embeddings}")
-        if self.norms.cos.shape[0] < positions:
-            cos, sin = rope_tables(self.config, positions, self.weights.rope_freq_factors)
-            self.norms.cos, self.norms.sin = cos.to(self.dtype), sin.to(self.dtype)
+        if self.rope.cos.shape[0] < positions:  # tables for the longest cache so far
+            tables = rope_tables(self.config, positions, self.weights.rope_freq_factors)
+            self.rope = RopeTables(tables.cos.to(self.dtype), tables.sin.to(self.dtype))
         return KVCache(self.config, positions, self.dtype)
 
-    @torch.inference_mode()
-    def forward(self, ids: list[int] | torch.Tensor, start: int, cache: KVCache,
-                all_logits: bool = False) -> torch.Tensor:
+    def check_ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0:
             raise ConfigError("forward takes a non-empty 1-D sequence of token ids")
         if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
             raise ConfigError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int] | torch.Tensor, start: int, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """Logits of one sequence's ids at positions start.. (the last row's, or every row's)."""
+        ids = self.check_ids(ids)
         if start + ids.numel() > cache.max_positions:
             raise ContextLengthError(f"positions up to {start + ids.numel()} exceed the cache of {cache.max_positions}")
-        return forward(ids, start, self.config, self.norms, self.linears, cache, all_logits,
+        rows = None if all_logits else [ids.numel() - 1]
+        return self.forward_packed(ids, [Segment(cache, start, ids.numel())], rows)
+
+    @torch.inference_mode()
+    def forward_packed(self, ids, segments: list[Segment], logit_rows: list[int] | None) -> torch.Tensor:
+        """Logits for the packed rows of several sequences (the scheduler's step), as float32."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if self.telemetry is not None:
+            self.telemetry.flush()  # one flush per forward pass keeps `tail -f` current, and cheap
+        return forward(ids, segments, self.config, self.trusted, self.rope, self.linears, logit_rows,
                        self.offload_attention).float()
 
     # -- text --
@@ -238,124 +204,70 @@ class Engine:
             ids = list(prompt)
         elif chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"])
+            with self._tokenizer_lock:
+                ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True)["input_ids"])
         else:
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            with self._tokenizer_lock:
+                ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise ConfigError("the prompt is empty")
         return ids
 
-    @torch.inference_mode()
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text_stream(self, stop: tuple[str, ...] = ()) -> TextStream:
+        return TextStream(self.decode, stop)
+
+    def token_text(self, token: int) -> str:
+        """One token's text (memoised: logprobs ask for the same ones again and again)."""
+        if token not in self._token_text:
+            with self._tokenizer_lock:
+                self._token_text[token] = self.tokenizer.decode([token])
+        return self._token_text[token]
+
     def generate(self, prompt: str | list, gen: GenerationConfig | None = None, *, chat: bool = False,
                  on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Prefill the prompt, then decode until EOS or max_new_tokens; stream text to on_text."""
+        """Prefill the prompt, then decode until EOS, a stop string or max_new_tokens; stream text to
+        on_text. One sequence through the same scheduler that batches many (`teegpu api`)."""
+        from teegpu.tee.scheduler import Scheduler
+
         gen = gen or GenerationConfig()
         ids = self.encode(prompt, chat)
-        total = len(ids) + gen.max_new_tokens
-        if total > self.config.max_position_embeddings:
-            raise ContextLengthError(
-                f"prompt of {len(ids)} tokens + max_new_tokens {gen.max_new_tokens} = {total} exceeds the "
-                f"context window of {self.config.max_position_embeddings} tokens")
-        rpc_before = self.rpc_summary()
-        rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
-        cache = self.new_cache(total)
-        self._phase("prefill", 0)
-        t0 = time.perf_counter()
-        logits = self.forward(ids, 0, cache)
-        prefill_ms = (time.perf_counter() - t0) * 1000
-        out: list[int] = []
-        stream = TextStream(self.tokenizer, on_text)
-        finish, decode_s, steps = "length", 0.0, 0
-        while True:
-            token = sample(logits[-1], gen.temperature, gen.top_k, gen.top_p, rng)
-            if gen.stop_at_eos and token in self.stop_ids:
-                finish = "stop"
-                break
-            out.append(token)
-            stream.push(out)
-            if len(out) == gen.max_new_tokens:
-                break
-            self._phase("decode", len(out))
-            t0 = time.perf_counter()
-            logits = self.forward([token], len(ids) + len(out) - 1, cache)
-            decode_s += time.perf_counter() - t0
-            steps += 1
-        stream.finish(out)
-        self._phase("idle", len(out))
-        rpc = _difference(self.rpc_summary(), rpc_before)
-        timings = {"load_s": round(self.load_s, 3), "prefill_ms": round(prefill_ms, 3),
-                   "decode_ms_per_token": round(decode_s * 1000 / steps, 3) if steps else None}
-        if rpc.get("breakdown_ms"):  # the trusted side's own compute: forward time outside the RPCs
-            timings["trusted_ms"] = round(prefill_ms + decode_s * 1000 - rpc["breakdown_ms"]["total_ms"], 3)
-        pool = getattr(self.linears, "pool", None)
-        if pool is not None:
-            timings["offline_ms_per_token"] = round(pool.offline_ms_per_token(), 3)
-        if self.telemetry is not None and rpc.get("breakdown_ms"):
-            b, rows = rpc["breakdown_ms"], len(ids) + steps  # pad rows used: every position once
-            self.telemetry.write_generation({"tokens": len(out), "forwards": steps + 1, "time_split_ms": {
-                "offline": round(timings.get("offline_ms_per_token", 0.0) * rows, 3),
-                "transfer": round(b["total_ms"] - b["server_compute_ms"], 3),
-                "server_compute": b["server_compute_ms"], "trusted_compute": timings["trusted_ms"]}})
-        return GenerationResult(stream.text, out, len(ids), finish, timings, rpc)
-
+        positions = len(ids) + gen.max_new_tokens
+        budget_mb = max(1, math.ceil(self.cache_bytes(positions) / (1 << 20)))
+        scheduler = Scheduler(self, SchedulerConfig(max_batch=1, max_queue=0, kv_cache_mb=budget_mb,
+                                                    prefill_chunk=len(ids)))
+        clock = GenerationClock(self)
+        seq = scheduler.submit(ids, gen, on_event=(lambda e: e.text and on_text(e.text)) if on_text else None)
+        while not seq.done.is_set():
+            clock.phase(seq)
+            scheduler.step()
+        if seq.error is not None:
+            raise seq.error
+        timings, rpc = clock.report(seq, self.load_s)
+        return GenerationResult(seq.text, seq.out, len(ids), seq.finish_reason, timings, rpc, seq.logprobs)
 
     def rpc_summary(self) -> dict:
-        """The client's own call and byte counts, plus the telemetry's time breakdown."""
-        if self.client is None:
-            return {}
-        out = self.client.stats.as_dict()
-        if self.telemetry is not None:
-            out["breakdown_ms"] = self.telemetry.summary()["breakdown_ms"]
-        pool = getattr(self.linears, "pool", None)
-        if pool is not None:
-            out["mask_pool"] = {k: v for k, v in pool.stats.as_dict().items() if k != "fill_ms"}
-        return out
-
-    def _phase(self, phase: str, token: int) -> None:
-        if self.telemetry is not None:
-            self.telemetry.flush()  # one flush per forward pass keeps `tail -f` current, and cheap
-            self.telemetry.phase, self.telemetry.token = phase, token
+        """Calls, bytes and the time breakdown of every RPC so far (empty without a server)."""
+        return self.linears.stats()
 
 
-def _difference(after: dict, before: dict) -> dict:
-    return {k: _difference(v, before[k]) if isinstance(v, dict) else round(v - before[k], 3)
-            for k, v in after.items()}
-
-
-def run_info(config: EngineConfig, server_info: dict, client: RpcClient) -> dict:
+def run_info(config: EngineConfig, hello: Hello, client: RpcClient) -> dict:
     """The first record of an RPC log: what ran, where, with which versions."""
     import zmq
 
     from teegpu import __version__
 
-    return {"model": str(resolve_model_path(config.model)), "fingerprint": server_info["fingerprint"],
+    return {"model": str(resolve_model_path(config.model)), "fingerprint": hello.fingerprint,
             "transport": client.endpoint.transport, "endpoint": client.endpoint.url,
-            "dtype": server_info["dtype"], "device": server_info["device"], "privacy": config.privacy,
-            "verify": config.verify,
-            "data_plane": client.data_plane,
-            "offload_attention": config.offload_attention,
-            "num_layers": server_info["config"]["num_layers"],
+            "dtype": hello.dtype, "device": hello.device, "privacy": config.privacy,
+            "verify": config.verify, "data_plane": client.data_plane,
+            "offload_attention": config.offload_attention, "num_layers": hello.config["num_layers"],
             "versions": {"teegpu": __version__, "torch": torch.__version__, "pyzmq": zmq.__version__,
                          "libzmq": zmq.zmq_version()}}
-
-
-class TextStream:
-    """Turns growing token lists into text deltas, holding back split UTF-8 characters."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text, self.text = tokenizer, on_text, ""
-
-    def push(self, ids: list[int], final: bool = False) -> None:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return
-        if self.on_text and len(text) > len(self.text) and text.startswith(self.text):
-            self.on_text(text[len(self.text):])
-        self.text = text
-
-    def finish(self, ids: list[int]) -> None:
-        self.push(ids, final=True)
 
 
 def generation_eos_ids(model: str | None) -> set[int]:

@@ -1,7 +1,6 @@
 """What sits behind the model's `linears` seam on the trusted side."""
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -9,7 +8,8 @@ import torch.nn.functional as F
 
 from teegpu.errors import ConfigError, HandshakeError, IntegrityError
 from teegpu.model.weights import ModelWeights
-from teegpu.protocol import PROTOCOL_VERSION, WIRE_DTYPES, Op
+from teegpu.options import DEFAULT_MASK_POOL_ROWS
+from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.ring import RingWeight, quantize_linears, quantize_rows, ring_fingerprint
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
 from teegpu.tee.mask_pool import MaskPool
@@ -20,6 +20,8 @@ from teegpu.transport import RpcClient
 class LocalLinears:
     """The TEE-only baseline: the trusted side multiplies by its own weights."""
 
+    telemetry = None
+
     def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
         self.weights = {key: w.to(dtype) for key, w in weights.served().items()}
 
@@ -28,6 +30,12 @@ class LocalLinears:
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass  # nothing held but tensors
 
 
 class RemoteLinears:
@@ -53,8 +61,8 @@ class RemoteLinears:
         return self._call(op, layer, (a, b), (a.shape[0], a.shape[1], b.shape[2]))
 
     def _call(self, op: Op, layer: int, inputs, expected_shape, started: int | None = None) -> torch.Tensor:
-        started = started or time.perf_counter_ns()
-        head, outputs = self.client.call(op, layer, inputs, dtype=self.wire_dtype, started_ns=started)
+        reply = self.client.call(op, layer, inputs, dtype=self.wire_dtype, started_ns=started)
+        outputs = reply.tensors
         if len(outputs) != 1 or tuple(outputs[0].shape) != expected_shape or outputs[0].dtype != self.wire_dtype:
             got = [(str(t.dtype), list(t.shape)) for t in outputs]
             raise IntegrityError(op.name, layer, f"server replied {got}, expected {self.wire_dtype} "
@@ -64,14 +72,16 @@ class RemoteLinears:
             out = out.clone()
         if self.verifier is not None:
             self.verifier.check(op, layer, list(inputs), out)
-        stamps = self.client.last_stamps
-        self.telemetry.record(op.name, layer, (*stamps[:5], time.perf_counter_ns()), head.compute_ns,
-                              head.queue_ns, *self.client.last_sizes)
+        self.telemetry.record(op.name, layer, (*reply.stamps[:5], time.perf_counter_ns()), reply.header.compute_ns,
+                              reply.header.overhead_ns, reply.sent, reply.received)
         return out
 
+    def stats(self) -> dict:
+        """The client's own call and byte counts, plus the telemetry's time breakdown."""
+        return {**self.client.stats.as_dict(), "breakdown_ms": self.telemetry.summary()["breakdown_ms"]}
 
     def close(self) -> None:
-        pass
+        self.telemetry.close()  # the client belongs to the engine, which closes it
 
 
 class OtpLinears(RemoteLinears):
@@ -83,7 +93,7 @@ class OtpLinears(RemoteLinears):
     """
 
     def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
-                 verify: bool = False, pool_rows: int = 32, progress: bool = True):
+                 verify: bool = False, pool_rows: int = DEFAULT_MASK_POOL_ROWS, progress: bool = True):
         quantized = quantize_linears(weights)
         self.ring_fingerprint = ring_fingerprint(quantized)
         self.scales = {key: scale.double() for key, (_, scale) in quantized.items()}
@@ -110,40 +120,37 @@ class OtpLinears(RemoteLinears):
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ConfigError("attention is never offloaded in otp mode (Q*K^T would reveal the prompt)")
 
+    def stats(self) -> dict:
+        return {**super().stats(), "mask_pool": self.pool.stats.as_dict()}
+
     def close(self) -> None:
         self.pool.close()
+        super().close()
 
 
-def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> dict:
+def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> Hello:
     """Check the server's protocol version, privacy mode, and that it serves exactly our weights."""
-    _, payload = client.call(Op.HELLO, 0)
-    try:
-        info = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HandshakeError(f"server sent an unreadable HELLO reply: {e}") from e
-    if not isinstance(info, dict) or info.get("protocol") != PROTOCOL_VERSION:
-        raise HandshakeError(f"server speaks protocol {info.get('protocol') if isinstance(info, dict) else '?'}, "
-                             f"this client {PROTOCOL_VERSION}")
-    if info.get("fingerprint") != weights.fingerprint:
+    hello = Hello.from_bytes(client.call(Op.HELLO, 0).payload)
+    if hello.fingerprint != weights.fingerprint:
         raise HandshakeError(
-            f"server serves weights with fingerprint {str(info.get('fingerprint'))[:16]}..., this client loaded "
+            f"server serves weights with fingerprint {str(hello.fingerprint)[:16]}..., this client loaded "
             f"{weights.fingerprint[:16]}... (different model files?)"
         )
-    if info.get("privacy", "plain") != privacy:
-        raise HandshakeError(f"server runs privacy mode {info.get('privacy')!r}, this client wants {privacy!r} "
+    if hello.privacy != privacy:
+        raise HandshakeError(f"server runs privacy mode {hello.privacy!r}, this client wants {privacy!r} "
                              f"(start it with --privacy {privacy})")
-    if privacy == "plain" and info.get("dtype") not in WIRE_DTYPES:
-        raise HandshakeError(f"server announces unsupported dtype {info.get('dtype')!r}")
-    return info
+    if privacy == "plain" and hello.dtype not in WIRE_DTYPES:
+        raise HandshakeError(f"server announces unsupported dtype {hello.dtype!r}")
+    return hello
 
 
-def open_linears(client: RpcClient, weights: ModelWeights, info: dict, privacy: str, verify: bool,
-                 pool_rows: int = 32) -> RemoteLinears:
+def open_linears(client: RpcClient, weights: ModelWeights, hello: Hello, privacy: str, verify: bool,
+                 pool_rows: int = DEFAULT_MASK_POOL_ROWS) -> RemoteLinears:
     """The linears for a server that passed `handshake`; in otp mode also compare the integer weights."""
     if privacy == "plain":
-        return RemoteLinears(client, weights, WIRE_DTYPES[info["dtype"]], verify=verify)
+        return RemoteLinears(client, weights, WIRE_DTYPES[hello.dtype], verify=verify)
     linears = OtpLinears(client, weights, verify=verify, pool_rows=pool_rows)
-    if info.get("ring_fingerprint") != linears.ring_fingerprint:
+    if hello.ring_fingerprint != linears.ring_fingerprint:
         linears.close()
         raise HandshakeError("server's integer weights differ from this client's (another quantization?)")
     return linears

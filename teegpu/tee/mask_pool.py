@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
+from teegpu.errors import ConfigError
 from teegpu.ring import ring_matmul
 
 
@@ -44,7 +46,7 @@ class MaskPool:
         a key falls to half (batches are cheaper, and a pool sized for a whole generation is
         not refilled during it)."""
         if rows < 1:
-            raise ValueError(f"mask pool rows must be at least 1, got {rows}")
+            raise ConfigError(f"mask pool rows must be at least 1, got {rows}")
         self.weights, self.rows = weights, rows
         self.stats = PoolStats()
         self._ready: dict = {key: (torch.empty(0, w.d_in, dtype=torch.int64),
@@ -85,15 +87,11 @@ class MaskPool:
                 self._fill(key, need)
 
     def _fill_all(self, progress: bool) -> None:
-        keys = list(self.weights)
-        start = time.perf_counter()
-        for i, key in enumerate(keys):
+        """The first fill, with one progress bar on a terminal (it takes seconds per 100 weights)."""
+        bar = tqdm(self.weights, desc=f"mask pool ({self.rows} rows)", unit="weight", file=sys.stderr,
+                   leave=False, disable=not (progress and sys.stderr.isatty()))
+        for key in bar:
             self._fill(key, self.rows)
-            if progress and (i % 10 == 9 or i == len(keys) - 1):
-                print(f"\rteegpu: mask pool {i + 1}/{len(keys)} weights x {self.rows} rows", end="",
-                      file=sys.stderr, flush=True)
-        if progress:
-            print(f" in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     def take(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n fresh pad rows and their products for this weight; removed from the pool."""

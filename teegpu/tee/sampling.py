@@ -20,3 +20,14 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int, token_text) -> dict:
+    """The chosen token's log-probability under the model (before temperature, as OpenAI reports it)
+    and the `top` most likely alternatives: {"token", "id", "logprob", "top": [...]}."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    entry = {"id": token, "token": token_text(token), "logprob": float(lp[token]), "top": []}
+    if top:
+        values, ids = torch.topk(lp, top)
+        entry["top"] = [{"id": i, "token": token_text(i), "logprob": v} for v, i in zip(values.tolist(), ids.tolist())]
+    return entry

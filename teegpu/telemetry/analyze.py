@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from teegpu.errors import TeegpuError
+from teegpu.options import rpcs_per_forward
 from teegpu.telemetry.rpc_log import COMPONENTS, SCHEMA_VERSION, SERVER_COMPONENTS
 
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 REQUIRED = ("seq", "op", "phase", "token", "total_ms", "bytes_sent", "bytes_received", *COMPONENTS,
             *SERVER_COMPONENTS)
 SMALL_BYTES = 64 * 1024
@@ -51,7 +53,7 @@ def read_log(path: str | Path) -> RpcLogData:
             run = rec
         elif isinstance(rec, dict) and rec.get("type") == "generation":
             generations.append(rec)
-        elif isinstance(rec, dict) and all(k in rec for k in REQUIRED):
+        elif isinstance(rec, dict) and all(k in _renamed(rec) for k in REQUIRED):
             records.append(rec)
         else:
             corrupt += 1
@@ -60,15 +62,22 @@ def read_log(path: str | Path) -> RpcLogData:
     if run is None:
         raise LogError(f"{path} has no run record: not a teegpu RPC log, or its head was cut")
     version = run.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise LogError(f"{path} was written with log schema version {version}; this analyzer reads version "
-                       f"{SCHEMA_VERSION}. Re-record it with this teegpu version.")
+    if version not in READABLE_VERSIONS:
+        raise LogError(f"{path} was written with log schema version {version}; this analyzer reads versions "
+                       f"{', '.join(map(str, READABLE_VERSIONS))}. Re-record it with this teegpu version.")
     data = RpcLogData(run, records, corrupt, truncated, generations=generations)
     if corrupt:
         data.notes.append(f"{corrupt} corrupt line(s) skipped")
     if truncated:
         data.notes.append("the last line was cut off (run still writing or killed); it is ignored")
     return data
+
+
+def _renamed(rec: dict) -> dict:
+    """A record in this schema's names: schema 1 called server_overhead_ms server_queue_ms."""
+    if "server_queue_ms" in rec and "server_overhead_ms" not in rec:
+        rec["server_overhead_ms"] = rec.pop("server_queue_ms")
+    return rec
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,8 +134,8 @@ def findings(rep: dict, recs: list[dict]) -> list[str]:
     if serial > 0.15:
         out.append(f"serialisation takes {serial:.0%} of RPC time: keep tensors contiguous in the wire dtype "
                    "and avoid casts on the hot path")
-    if layers and rep["calls_per_token"] > 4 * layers + 1 + 1e-9:
-        out.append(f"{rep['calls_per_token']:.1f} RPCs per forward pass, the minimum is {4 * layers + 1}: "
+    if layers and rep["calls_per_token"] > rpcs_per_forward(layers) + 1e-9:
+        out.append(f"{rep['calls_per_token']:.1f} RPCs per forward pass, the minimum is {rpcs_per_forward(layers)}: "
                    "drop --offload-attention (it also ships the whole KV prefix every call)")
     small = [r for r in recs if r["bytes_sent"] + r["bytes_received"] < SMALL_BYTES]
     if small:

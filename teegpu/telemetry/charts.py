@@ -6,8 +6,8 @@ from collections import defaultdict
 SEGMENTS = (  # (label, colour, how to get it from a record)
     ("serialize", "#4c72b0", lambda r: r["serialize_ms"]),
     ("send", "#64b5cd", lambda r: r["send_ms"]),
-    ("wire + wake-up", "#dd8452", lambda r: max(0.0, r["wait_ms"] - r["server_compute_ms"] - r["server_queue_ms"])),
-    ("server overhead", "#c44e52", lambda r: r["server_queue_ms"]),
+    ("wire + wake-up", "#dd8452", lambda r: max(0.0, r["wait_ms"] - r["server_compute_ms"] - r["server_overhead_ms"])),
+    ("server overhead", "#c44e52", lambda r: r["server_overhead_ms"]),
     ("server compute", "#55a868", lambda r: r["server_compute_ms"]),
     ("receive", "#8172b2", lambda r: r["recv_ms"]),
     ("deserialize", "#937860", lambda r: r["deserialize_ms"]),

@@ -14,12 +14,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: server_queue_ms renamed server_overhead_ms (the analyzer reads both)
 COMPONENTS = ("serialize_ms", "send_ms", "wait_ms", "recv_ms", "deserialize_ms")
-SERVER_COMPONENTS = ("server_compute_ms", "server_queue_ms")
+SERVER_COMPONENTS = ("server_compute_ms", "server_overhead_ms")
 
 _LINE = ('{"seq":%d,"op":"%s","layer":%d,"phase":"%s","token":%d,"transport":"%s","start_ms":%.4f,'
-         '"serialize_ms":%.4f,"send_ms":%.4f,"wait_ms":%.4f,"server_compute_ms":%.4f,"server_queue_ms":%.4f,'
+         '"serialize_ms":%.4f,"send_ms":%.4f,"wait_ms":%.4f,"server_compute_ms":%.4f,"server_overhead_ms":%.4f,'
          '"recv_ms":%.4f,"deserialize_ms":%.4f,"total_ms":%.4f,"bytes_sent":%d,"bytes_received":%d,'
          '"throughput_mb_s":%.3f}\n')
 
@@ -47,13 +47,13 @@ class RpcTelemetry:
         self._file.write(json.dumps(head) + "\n")
         self._file.flush()
 
-    def record(self, op: str, layer: int, stamps: tuple[int, ...], compute_ns: int, queue_ns: int,
+    def record(self, op: str, layer: int, stamps: tuple[int, ...], compute_ns: int, overhead_ns: int,
                sent: int, received: int) -> None:
         """stamps: perf_counter_ns at start, serialized, sent, reply ready, received, deserialized."""
         t0, t1, t2, t3, t4, t5 = stamps
         ser, snd, wait, rcv, des = (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6, (t4 - t3) / 1e6, (t5 - t4) / 1e6
         total = (t5 - t0) / 1e6
-        comp, queue = compute_ns / 1e6, queue_ns / 1e6
+        comp, overhead = compute_ns / 1e6, overhead_ns / 1e6
         tot = self.totals
         tot["serialize_ms"] += ser
         tot["send_ms"] += snd
@@ -61,7 +61,7 @@ class RpcTelemetry:
         tot["recv_ms"] += rcv
         tot["deserialize_ms"] += des
         tot["server_compute_ms"] += comp
-        tot["server_queue_ms"] += queue
+        tot["server_overhead_ms"] += overhead
         tot["total_ms"] += total
         self.calls += 1
         self.bytes_sent += sent
@@ -69,7 +69,7 @@ class RpcTelemetry:
         if self._file is not None:
             mb_s = (sent + received) / 1e6 / (total / 1e3) if total > 0 else 0.0
             self._file.write(_LINE % (self.calls, op, layer, self.phase, self.token, self.transport,
-                                      (t0 - self._t0_ns) / 1e6, ser, snd, wait, comp, queue, rcv, des, total,
+                                      (t0 - self._t0_ns) / 1e6, ser, snd, wait, comp, overhead, rcv, des, total,
                                       sent, received, mb_s))
 
     def write_generation(self, record: dict) -> None:

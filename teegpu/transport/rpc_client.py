@@ -19,15 +19,16 @@ import torch
 import zmq
 
 from teegpu.errors import ConfigError, ProtocolError, ServerError, ServerUnavailable
+from teegpu.options import DATA_PLANES, DEFAULT_TIMEOUT_MS
 from teegpu.protocol import (
-    ALIGN, FLAG_SHM, ErrorCode, Op, TensorDesc, decode_header, encode_header, shm_offsets, tensor_frame,
-    tensors_from_frames,
+    FLAG_SHM, ErrorCode, Header, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
+    tensor_frame, tensors_from_frames,
 )
 from teegpu.transport.curve import ClientCurve
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
-DATA_PLANES = ("socket", "shm")
+TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM)  # answered with one UTF-8 / JSON frame instead of tensors
 
 
 @dataclass(slots=True)
@@ -42,11 +43,33 @@ class RpcStats:
         return {"calls": self.calls, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
 
 
+@dataclass(slots=True)
+class Reply:
+    """One answered request. `tensors` may be views of the shared region, valid until the next
+    call: copy what you keep. `stamps`: perf_counter_ns at start, packed, sent, reply ready,
+    received, unpacked. Sizes count tensor bytes whichever plane carried them."""
+
+    header: Header
+    tensors: list[torch.Tensor]
+    payload: bytes  # the text frame of HELLO / ATTACH_SHM replies
+    stamps: tuple[int, ...]
+    sent: int
+    received: int
+
+
+@dataclass(slots=True)
+class _Request:
+    rid: int
+    frames: list
+    request_end: int  # end of the request's tensors in the shared region; 0 when inline
+    sent: int
+
+
 class RpcClient:
-    def __init__(self, endpoint: str, timeout_ms: int = 60_000, context: zmq.Context | None = None,
+    def __init__(self, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS, context: zmq.Context | None = None,
                  data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES, curve: ClientCurve | None = None):
         if timeout_ms <= 0:
-            raise ValueError(f"timeout_ms must be positive, got {timeout_ms}")
+            raise ConfigError(f"timeout_ms must be positive, got {timeout_ms}")
         if data_plane not in DATA_PLANES:
             raise ConfigError(f"data plane {data_plane!r}: choose one of {DATA_PLANES}")
         self.endpoint = parse_endpoint(endpoint)
@@ -55,8 +78,6 @@ class RpcClient:
         self.stats = RpcStats()
         self._ctx = context or zmq.Context.instance()
         self._next_id = 1
-        self.last_stamps: tuple[int, ...] = (0,) * 6
-        self.last_sizes = (0, 0)
         self._socket: zmq.Socket | None = None
         self.shm: ShmRegion | None = None
         self._attached = False
@@ -113,7 +134,7 @@ class RpcClient:
             self.shm.close()
             self.shm = ShmRegion.create(size)
         try:
-            self.call(Op.ATTACH_SHM, 0, frames=[self.shm.name.encode()])
+            self.call(Op.ATTACH_SHM, 0, payload=self.shm.name.encode())
         except ServerError as e:
             if e.code not in (ErrorCode.BAD_SHM, ErrorCode.UNKNOWN_METHOD):
                 raise
@@ -122,83 +143,81 @@ class RpcClient:
         self.shm.unlink()
 
     def call(self, op: int, layer: int, tensors=(), *, dtype: torch.dtype | None = None,
-             header: bytes | None = None, frames=None, started_ns: int | None = None):
-        """Send one request and wait for its reply.
-
-        Tensors are sent as `dtype` when given (the conversion is part of the copy into
-        the message). Returns (header, payload) where payload is a list of tensors, or
-        the bytes of the HELLO reply. Reply tensors may be views of the shared region,
-        valid until the next call: copy what you keep. `header`/`frames` override the
-        encoded request: tests use them to send malformed messages. Afterwards
-        `last_stamps` holds perf_counter_ns at start, serialized, sent, reply ready,
-        received, deserialized; `last_sizes` the bytes sent and received (tensor bytes
-        count whichever plane carried them).
-        """
+             payload: bytes | None = None, started_ns: int | None = None, timeout_ms: int | None = None) -> Reply:
+        """Send one request and wait for the reply that matches its id; raise ServerError for an
+        error reply, ServerUnavailable when the deadline passes. Tensors are sent as `dtype` when
+        given (the conversion is part of the copy into the message); `payload` is the one text
+        frame of ATTACH_SHM; `timeout_ms` shortens the deadline of this one call (a health probe)."""
         t0 = started_ns or time.perf_counter_ns()
         if self.shm is not None and not self._attached and op != Op.ATTACH_SHM:
             self._attach()
+        request = self._pack(op, layer, tensors, dtype, payload)
+        t1 = time.perf_counter_ns()
+        self._socket.send_multipart(request.frames, copy=False)
+        t2 = time.perf_counter_ns()
+        frames, t3 = self._receive(request.rid, op, timeout_ms or self.timeout_ms)
+        t4 = time.perf_counter_ns()
+        received = sum(f.buffer.nbytes for f in frames)
+        self._count(request.sent, received)
+        header, out, text = self._unpack(frames, request.request_end)
+        if header.flags & FLAG_SHM:  # the reply's tensors came through the region
+            shm_bytes = sum(d.nbytes for d in header.tensors)
+            received += shm_bytes
+            self.stats.bytes_received += shm_bytes
+        return Reply(header, out, text, (t0, t1, t2, t3, t4, time.perf_counter_ns()), request.sent, received)
+
+    def _pack(self, op: int, layer: int, tensors, dtype: torch.dtype | None, payload: bytes | None) -> _Request:
+        """The request's frames: its tensors go into the shared region when it has room, else inline."""
         rid = self._next_id
         self._next_id += 1
         descs = [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors]
-        flags, request_end = 0, 0
-        if header is not None:
-            head, body = header, list(frames or ())
+        request_end = 0
+        if self.shm is not None and descs:
+            offsets, end = shm_offsets(descs)
+            if end <= self.shm.size:
+                request_end = end
+                for t, d, off in zip(tensors, descs, offsets):
+                    self.shm.tensor(off, d.dtype, d.shape).copy_(t)
+        head = encode_header(op, rid, layer, descs, flags=FLAG_SHM if request_end else 0)
+        if payload is not None:
+            body = [payload]
+        elif request_end:
+            body = []
         else:
-            if self.shm is not None and descs:
-                offsets, request_end = shm_offsets(descs)
-                if request_end <= self.shm.size:  # else the tensors go inline
-                    flags = FLAG_SHM
-                    for t, d, off in zip(tensors, descs, offsets):
-                        self.shm.tensor(off, d.dtype, d.shape).copy_(t)
-            head = encode_header(op, rid, layer, descs, flags=flags)
-            if flags:
-                body = []
-            elif frames is not None:
-                body = list(frames)
-            else:
-                body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
-        t1 = time.perf_counter_ns()
-        self._socket.send_multipart([head, *body], copy=False)
-        t2 = time.perf_counter_ns()
-        sent = len(head) + sum(memoryview(b).nbytes for b in body) + (request_end if flags else 0)
-        reply, t3 = self._wait_reply(rid if header is None else None, op)
-        t4 = time.perf_counter_ns()
-        rhead = decode_header(reply[0].buffer)
-        received = sum(f.buffer.nbytes for f in reply)
-        if rhead.status != ErrorCode.OK:
-            self._count(sent, received)
-            message = bytes(reply[1].buffer).decode("utf-8", "replace") if len(reply) > 1 else ""
-            raise ServerError(rhead.status, message)
-        if rhead.op in (Op.HELLO, Op.ATTACH_SHM):  # one JSON / text frame
-            payload = bytes(reply[1].buffer) if len(reply) > 1 else b""
-        elif rhead.flags & FLAG_SHM:
-            payload = self._shm_reply(rhead, request_end if flags else 0, len(reply))
-            received += sum(d.nbytes for d in rhead.tensors)
-        else:
-            payload = tensors_from_frames(rhead.tensors, reply[1:])
-        self._count(sent, received)
-        self.last_stamps = (t0, t1, t2, t3, t4, time.perf_counter_ns())
-        return rhead, payload
+            body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
+        sent = len(head) + sum(memoryview(b).nbytes for b in body) + request_end
+        return _Request(rid, [head, *body], request_end, sent)
+
+    def _unpack(self, frames: list, request_end: int) -> tuple[Header, list, bytes]:
+        """(header, tensors, text payload) of a reply; raise ServerError for an error reply."""
+        head = decode_header(frames[0].buffer)
+        if head.status != ErrorCode.OK:
+            message = bytes(frames[1].buffer).decode("utf-8", "replace") if len(frames) > 1 else ""
+            raise ServerError(head.status, message)
+        if head.op in TEXT_REPLY_OPS:
+            return head, [], bytes(frames[1].buffer) if len(frames) > 1 else b""
+        if head.flags & FLAG_SHM:
+            return head, self._shm_reply(head, request_end, len(frames)), b""
+        return head, tensors_from_frames(head.tensors, frames[1:]), b""
 
     def _count(self, sent: int, received: int) -> None:
         st = self.stats
         st.calls += 1
         st.bytes_sent += sent
         st.bytes_received += received
-        self.last_sizes = (sent, received)
 
-    def _shm_reply(self, rhead, request_end: int, nframes: int) -> list[torch.Tensor]:
+    def _shm_reply(self, rhead: Header, request_end: int, nframes: int) -> list[torch.Tensor]:
         """Views of the reply's tensors, which the server placed after our request."""
-        start = -(-request_end // ALIGN) * ALIGN
-        offsets, end = shm_offsets(rhead.tensors, start)
+        offsets, end = reply_offsets(request_end, rhead.tensors)
         if self.shm is None or not request_end or nframes != 1 or end > self.shm.size:
-            raise ProtocolError(ErrorCode.BAD_SHM, f"server put a reply of {end - start} bytes in the shared "
-                                "region where none was expected or it does not fit")
+            raise ProtocolError(ErrorCode.BAD_SHM, f"server put a reply of {end - offsets[0]} bytes in the "
+                                "shared region where none was expected or it does not fit")
         return [self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(rhead.tensors, offsets)]
 
-    def _wait_reply(self, rid: int | None, op: int) -> tuple[list, int]:
-        """The matching reply and the perf_counter_ns at which it was ready to read."""
-        deadline = time.monotonic() + self.timeout_ms / 1000
+    def _receive(self, rid: int, op: int, timeout_ms: int) -> tuple[list, int]:
+        """The reply to request `rid` and the perf_counter_ns at which it was ready to read; late
+        replies to abandoned requests are dropped."""
+        deadline = time.monotonic() + timeout_ms / 1000
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
@@ -207,11 +226,10 @@ class RpcClient:
                 hint = ("; with CURVE: is this client's public key in the server's allow list, and is the "
                         "pinned server key the server's?") if self.curve is not None else ""
                 raise ServerUnavailable(
-                    f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} ms "
+                    f"no reply from {self.endpoint.url} to op {op} within {timeout_ms} ms "
                     f"(server gone or stalled{hint})"
                 )
             ready_ns = time.perf_counter_ns()
             reply = self._socket.recv_multipart(copy=False)
-            if rid is None or decode_header(reply[0].buffer).request_id == rid:
+            if decode_header(reply[0].buffer).request_id == rid:
                 return reply, ready_ns
-            # a late reply to an abandoned request: drop it and keep waiting

@@ -17,6 +17,9 @@ import secrets
 
 import torch
 
+from teegpu.errors import ConfigError, ProtocolError
+from teegpu.protocol import ErrorCode
+
 SHM_DIR = "/dev/shm"
 NAME_PATTERN = re.compile(r"teegpu-[A-Za-z0-9_-]{1,64}\Z")
 MIN_BYTES = 1 << 12
@@ -37,7 +40,7 @@ class ShmRegion:
     def create(cls, size: int = DEFAULT_BYTES) -> "ShmRegion":
         """A fresh region only this user can open (the client's side)."""
         if not MIN_BYTES <= size <= MAX_BYTES:
-            raise ValueError(f"shared region of {size} bytes: choose {MIN_BYTES}..{MAX_BYTES}")
+            raise ConfigError(f"shared region of {size} bytes: choose {MIN_BYTES}..{MAX_BYTES}")
         name = f"teegpu-{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -50,24 +53,24 @@ class ShmRegion:
 
     @classmethod
     def attach(cls, name: str) -> "ShmRegion":
-        """Map a client's region by name (the server's side); raise ValueError naming the problem."""
+        """Map a client's region by name (the server's side); raise ProtocolError (BAD_SHM) naming the problem."""
         if not NAME_PATTERN.match(name):
-            raise ValueError(f"shared region name {name!r} is not of the form teegpu-NAME directly under {SHM_DIR}")
+            raise ProtocolError(ErrorCode.BAD_SHM, f"shared region name {name!r} is not of the form teegpu-NAME directly under {SHM_DIR}")
         try:
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
         except OSError as e:
-            raise ValueError(f"cannot open {SHM_DIR}/{name}: {e.strerror} (is the client on another host?)") from e
+            raise ProtocolError(ErrorCode.BAD_SHM, f"cannot open {SHM_DIR}/{name}: {e.strerror} (is the client on another host?)") from e
         size = os.fstat(fd).st_size
         if not MIN_BYTES <= size <= MAX_BYTES:
             os.close(fd)
-            raise ValueError(f"{SHM_DIR}/{name} holds {size} bytes, outside {MIN_BYTES}..{MAX_BYTES}")
+            raise ProtocolError(ErrorCode.BAD_SHM, f"{SHM_DIR}/{name} holds {size} bytes, outside {MIN_BYTES}..{MAX_BYTES}")
         return cls(name, fd, size, owner=False)
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of the region (no copy); offset must be aligned to the dtype."""
         n = dtype.itemsize * math.prod(shape)
         if offset < 0 or offset + n > self.size:
-            raise ValueError(f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
+            raise ProtocolError(ErrorCode.BAD_SHM, f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
         return self.bytes[offset:offset + n].view(dtype).view(shape)
 
     def unlink(self) -> bool:

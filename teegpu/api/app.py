@@ -1,0 +1,356 @@
+"""`teegpu api`: the OpenAI-compatible HTTP front end, served from the trusted process.
+
+The prompt and the generated text exist only here (inside the TEE); the GPU server sees
+activations. HTTP only: every request becomes a sequence of the scheduler, which batches
+all running sequences into one step. The HTTP server starts first and answers /health 503
+while the model loads; "teegpu api ready on http://HOST:PORT" is printed once /health
+would answer 200.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from teegpu.api.errors import ApiError, from_engine
+from teegpu.api.metrics import ApiMetrics
+from teegpu.api.responses import Reply, usage
+from teegpu.api.schemas import ChatRequest, CommonRequest, CompletionRequest, parse
+from teegpu.config import ApiConfig, EngineConfig, SchedulerConfig
+from teegpu.errors import IntegrityError
+from teegpu.model.loading import resolve_model_path
+from teegpu.tee.engine import Engine
+from teegpu.tee.scheduler import Event, Scheduler, Sequence
+
+READY_PREFIX = "teegpu api ready on "
+DISCONNECT_POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
+
+
+class Service:
+    """The engine and its scheduler thread, loaded after the HTTP server has started."""
+
+    def __init__(self, api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig):
+        self.api, self.engine_config, self.scheduler_config = api, engine_config, scheduler_config
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self.stop = threading.Event()
+        self.metrics = ApiMetrics()
+        self._last_totals: dict = {}  # the RPC telemetry's totals after the previous step
+        self.model_id = model_id(engine_config.model)
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        try:
+            self.engine = Engine.open(self.engine_config)
+            self.scheduler = Scheduler(self.engine, self.scheduler_config)
+            self.scheduler.on_step = self._observe_step
+            threading.Thread(target=self.scheduler.run, args=(self.stop,), name="scheduler", daemon=True).start()
+        except BaseException as e:
+            self.load_error = e
+        finally:
+            self.loaded.set()
+
+    def _observe_step(self, seconds: float, rows: int) -> None:
+        m = self.metrics
+        m.step.observe(seconds)
+        m.step_rows.observe(rows)
+        tel = self.engine.telemetry
+        if tel is not None:
+            totals, last = tel.totals, self._last_totals
+            m.rpc.observe((totals["total_ms"] - last.get("total_ms", 0.0)) / 1000)
+            m.server_compute.observe((totals["server_compute_ms"] - last.get("server_compute_ms", 0.0)) / 1000)
+            self._last_totals = dict(totals)
+
+    @property
+    def system_fingerprint(self) -> str:
+        return f"fp_{self.engine.weights.fingerprint[:16]}_{self.engine_config.privacy}"
+
+    def ready(self) -> Scheduler:
+        """The scheduler, or ApiError 503 while loading or after a failed load."""
+        if not self.loaded.is_set():
+            raise ApiError(503, "the model is still loading", code="loading")
+        if self.load_error is not None:
+            raise ApiError(503, f"the engine failed to start: {self.load_error}", code="engine_failed")
+        return self.scheduler
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.scheduler is not None:
+            with self.scheduler._lock:
+                self.scheduler._wake.notify()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def model_id(model: str | None) -> str:
+    """The id clients name the model by: the model file's stem (or the directory's name)."""
+    path = resolve_model_path(model)
+    return path.name if path.is_dir() else path.stem
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="teegpu", docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+    _install_info_routes(app, service)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete(service, request, ChatRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete(service, request, CompletionRequest)
+
+    return StatusCounter(app, service.metrics)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = f"no such path: {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return ApiError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return ApiError(400, str(e.errors()[0].get("msg", e))).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        return from_engine(e).response()
+
+
+def _install_info_routes(app: FastAPI, service: Service) -> None:
+    @app.get("/health")
+    async def health():
+        if not service.loaded.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if service.load_error is not None:
+            return JSONResponse({"status": "error", "message": str(service.load_error)}, status_code=503)
+        if not service.scheduler.server_ok:
+            return JSONResponse({"status": "unavailable", "message": "the GPU server does not answer"},
+                                status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        running, waiting = service.scheduler.counts() if service.scheduler else (0, 0)
+        return Response(service.metrics.render(running, waiting), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(service.api, request)
+        service.ready()
+        return {"object": "list", "data": [model_card(service)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_auth(service.api, request)
+        service.ready()
+        if name != service.model_id:
+            raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return model_card(service)
+
+
+def model_card(service: Service) -> dict:
+    engine = service.engine
+    return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "teegpu",
+            "fingerprint": engine.weights.fingerprint, "privacy": service.engine_config.privacy,
+            "verify": service.engine_config.verify, "max_model_len": engine.config.max_position_embeddings}
+
+
+def check_auth(api: ApiConfig, request: Request) -> None:
+    if api.api_key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    if auth != f"Bearer {api.api_key}":
+        raise ApiError(401, "Incorrect API key provided" if auth else "Missing API key: send "
+                       "'Authorization: Bearer KEY'", code="invalid_api_key")
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The body as JSON, refusing one over `limit` bytes (413) before reading it all."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from e
+
+
+async def complete(service: Service, request: Request, kind: type[CommonRequest]):
+    """Both completion endpoints: validate, queue one sequence, answer whole or as a stream."""
+    check_auth(service.api, request)
+    scheduler = service.ready()
+    req = parse(kind, await read_json(request, service.api.max_body_bytes))
+    if req.model != service.model_id:
+        raise ApiError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
+    engine = scheduler.engine
+    chat = kind is ChatRequest
+    ids = engine.encode(req.chat_messages(), chat=True) if chat else engine.encode(req.prompt)
+    gen = req.generation(req.max_new_tokens(), engine.config.max_position_embeddings - len(ids), req.logprob_count())
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    try:
+        seq = scheduler.submit(ids, gen, on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    except Exception as e:
+        raise from_engine(e) from e
+    service.metrics.prompt_tokens.inc(len(ids))
+    call = Call(service, request, seq, events, Reply("chat" if chat else "text", service.model_id,
+                                                     service.system_fingerprint), req.include_usage)
+    return await (call.stream() if req.stream else call.whole())
+
+
+class Call:
+    """One request's sequence, turned into a response as its events arrive."""
+
+    def __init__(self, service: Service, request: Request, seq: Sequence, events: asyncio.Queue, reply: Reply,
+                 include_usage: bool):
+        self.service, self.request, self.seq, self.events, self.reply = service, request, seq, events, reply
+        self.include_usage = include_usage
+        self.started = self.last = time.monotonic()
+        self.tokens = 0
+
+    async def next_event(self) -> Event:
+        """The next event; cancels the sequence when the client has gone away meanwhile."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                if await self.request.is_disconnected():
+                    self.service.scheduler.cancel(self.seq)
+                    raise ApiError(499, "client closed the request")
+        self._observe(event)
+        return event
+
+    def _observe(self, event: Event) -> None:
+        m, now = self.service.metrics, time.monotonic()
+        if isinstance(event.error, IntegrityError):
+            m.integrity_failures.inc()
+        new = len(self.seq.out) - self.tokens
+        if new > 0:
+            (m.ttft if self.tokens == 0 else m.itl).observe(now - (self.started if self.tokens == 0 else self.last))
+            m.completion_tokens.inc(new)
+            self.tokens, self.last = len(self.seq.out), now
+
+    def usage(self) -> dict:
+        return usage(len(self.seq.prompt_ids), len(self.seq.out))
+
+    def logprobs(self, entries: list) -> list | None:
+        return entries if self.seq.gen.logprobs is not None else None
+
+    async def whole(self) -> dict:
+        texts, entries = [], []
+        while True:
+            event = await self.next_event()
+            if event.error is not None:
+                raise from_engine(event.error)
+            texts.append(event.text)
+            entries += event.logprobs
+            if event.finish_reason:
+                return self.reply.completion("".join(texts), self.logprobs(entries), event.finish_reason,
+                                             self.usage())
+
+    async def stream(self) -> StreamingResponse:
+        first = await self.next_event()  # an error before the first token still gets its HTTP status
+        if first.error is not None:
+            raise from_engine(first.error)
+        return StreamingResponse(self._sse(first), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse(self, event: Event):
+        try:
+            if self.reply.kind == "chat":
+                yield sse(self.reply.chunk("", role=True))
+            while True:
+                if event.error is not None:
+                    yield sse(from_engine(event.error).body())
+                    return
+                if event.text or event.logprobs or event.finish_reason:
+                    yield sse(self.reply.chunk(event.text, self.logprobs(event.logprobs), event.finish_reason))
+                if event.finish_reason:
+                    break
+                event = await self.events.get()
+                self._observe(event)
+            if self.include_usage:
+                yield sse(self.reply.usage_chunk(self.usage()))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not self.seq.done.is_set():  # the client went away mid-stream
+                self.service.scheduler.cancel(self.seq)
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class StatusCounter:
+    """ASGI wrapper counting every HTTP answer by path and status (streams included)."""
+
+    def __init__(self, app, metrics: ApiMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig) -> None:
+    """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start."""
+    service = Service(api, engine_config, scheduler_config)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port, log_level="warning",
+                                           lifespan="off", timeout_graceful_shutdown=5))
+    threading.Thread(target=_load_and_announce, args=(service, server), name="loader", daemon=True).start()
+    # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets us stop the GPU server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run()
+    finally:
+        service.close()
+    if service.load_error is not None:
+        raise service.load_error
+
+
+def _load_and_announce(service: Service, server: uvicorn.Server) -> None:
+    service.load()
+    if service.load_error is not None:
+        server.should_exit = True
+        return
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"{READY_PREFIX}http://{host}:{port} (model {service.model_id}, privacy "
+              f"{service.engine_config.privacy})", flush=True)

@@ -1,0 +1,37 @@
+"""Prometheus metrics of the API, in a registry of its own (GET /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ApiMetrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("teegpu_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("teegpu_prompt_tokens", "prompt tokens of accepted requests", registry=r)
+        self.completion_tokens = Counter("teegpu_completion_tokens", "tokens generated", registry=r)
+        self.running = Gauge("teegpu_sequences_running", "sequences in the batch", registry=r)
+        self.waiting = Gauge("teegpu_sequences_waiting", "requests waiting for a place", registry=r)
+        self.ttft = Histogram("teegpu_time_to_first_token_seconds", "request received to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("teegpu_inter_token_latency_seconds", "between two streamed deltas of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.step = Histogram("teegpu_step_seconds", "one batched step (4L+1 RPCs)", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.step_rows = Histogram("teegpu_step_rows", "rows packed into one step",
+                                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.rpc = Histogram("teegpu_rpc_seconds_per_step", "time in RPCs during one step", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.server_compute = Histogram("teegpu_server_compute_seconds_per_step",
+                                        "the GPU server's compute during one step", buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.integrity_failures = Counter("teegpu_integrity_failures", "products that failed verification",
+                                          registry=r)
+
+    def render(self, running: int, waiting: int) -> bytes:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        return generate_latest(self.registry)

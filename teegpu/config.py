@@ -1,0 +1,225 @@
+"""Every run configuration as a dataclass: the one place an option is named, defaulted,
+documented and validated. The CLI's flags are generated from these fields (`add_arguments`),
+and a child process gets its options back from `to_argv`, so nothing is written twice.
+
+This module holds no secrets and imports neither side: the server and the trusted engine
+both read their configuration from here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from teegpu.errors import ConfigError
+from teegpu.options import (
+    DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, DEVICES, DTYPES, PRIVACY_MODES,
+)
+
+
+def option(default, help: str, **argparse_kw):
+    """A config field with its CLI help (and choices/metavar) in the field's metadata."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} {value!r}: choose one of {tuple(choices)}")
+
+
+def _check_min(name: str, value, low) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """The untrusted GPU server (`teegpu serve`)."""
+
+    model: str | None = option(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    endpoint: str = option("tcp://127.0.0.1:5555", "tcp://HOST:PORT (port * picks a free one) or ipc:///PATH")
+    device: str = option("auto", "where the products run", choices=DEVICES)
+    dtype: str = option("float32", "weights and wire dtype", choices=DTYPES)
+    data_plane: str = option("shm", "shm: clients on this host may pass tensors through /dev/shm; socket: refuse",
+                             choices=DATA_PLANES)
+    # Pays where the server host has idle cores (a GPU server): the next request of a decode
+    # step follows within tens of microseconds. On a 2-core host it steals the client's core.
+    busy_poll_us: int = option(0, "after each reply, poll this long without sleeping (hosts with idle cores)")
+    privacy: str = option("plain", "otp: integer weights, accept only one-time-padded int64 activations",
+                          choices=PRIVACY_MODES)
+    curve_secret: str | None = option(None, "CURVE: this server's NAME.key_secret (needs --curve-allow)",
+                                      metavar="KEY_SECRET")
+    curve_allow: str | None = option(None, "CURVE: directory of the client public keys to accept", metavar="DIR")
+    parent_pid: int | None = option(None, "stop once the process with this id is gone (a private server's "
+                                    "trusted side)", metavar="PID")
+
+    def __post_init__(self):
+        if (self.curve_secret is None) != (self.curve_allow is None):
+            raise ConfigError("CURVE needs both the server's secret key and the client allow list")
+        _check_choice("privacy", self.privacy, PRIVACY_MODES)
+        _check_choice("data plane", self.data_plane, DATA_PLANES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_min("busy_poll_us", self.busy_poll_us, 0)
+
+    def to_argv(self) -> list[str]:
+        return to_argv(self)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """The trusted engine: which model, which server, how products are protected."""
+
+    model: str | None = option(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    server: str | None = option(None, "endpoint of a running server (default: start a private one)")
+    local: bool = option(False, "TEE-only baseline: no server, compute everything here")
+    # dtype of the products, on the wire and of the trusted side's activations (as transformers
+    # runs a model in that dtype); with `server`, the server's dtype decides
+    dtype: str = option("float32", "dtype of the started server and of the trusted activations", choices=DTYPES)
+    device: str = option("auto", "device of the started server", choices=DEVICES)
+    data_plane: str = option("shm", "shm: tensors through /dev/shm when the server is on this host; "
+                             "socket: in the messages", choices=DATA_PLANES)
+    timeout_ms: int = option(DEFAULT_TIMEOUT_MS, "deadline of each request to the server")
+    offload_attention: bool = option(False, "plaintext Q*K^T and P*V on the server (the seed's schedule)")
+    rpc_log: str | None = option(None, "write one JSON Lines record per RPC (teegpu analyze reads it)",
+                                 metavar="PATH")
+    privacy: str = option("plain", "otp: the server sees only one-time-padded integers (docs/security.md)",
+                          choices=PRIVACY_MODES)
+    verify: bool = option(False, "Freivalds' check on every product the server returns")
+    mask_pool_rows: int = option(DEFAULT_MASK_POOL_ROWS, "otp: pads precomputed per weight")
+    # None: 1 with a server (its work is small, and idle OpenMP workers spinning here steal the
+    # cores the server's products need; BENCHMARKS.md), torch's default when local.
+    threads: int | None = option(None, "torch threads of the trusted side (default: 1 with a server)")
+    model_sha256: str | None = option(None, "refuse a model file with another SHA-256", metavar="HEX")
+    curve_secret: str | None = option(None, "CURVE to --server: this client's NAME.key_secret", metavar="KEY_SECRET")
+    curve_server_key: str | None = option(None, "CURVE: the pinned server's public NAME.key", metavar="KEY")
+
+    def __post_init__(self):
+        _check_min("timeout_ms", self.timeout_ms, 1)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("data plane", self.data_plane, DATA_PLANES)
+        _check_choice("privacy", self.privacy, PRIVACY_MODES)
+        _check_min("mask_pool_rows", self.mask_pool_rows, 1)
+        _check_min("threads", self.threads, 1)
+        if self.privacy == "otp" and self.offload_attention:
+            raise ConfigError("--offload-attention sends Q*K^T and P*V in clear: it cannot be combined with "
+                              "--privacy otp")
+        if self.privacy == "otp" and self.local:
+            raise ConfigError("--privacy otp pads what goes to a server; local (TEE-only) mode has none")
+        if (self.curve_secret is None) != (self.curve_server_key is None):
+            raise ConfigError("CURVE needs both this client's secret key and the server's public key")
+        if self.curve_secret is not None and self.server is None:
+            raise ConfigError("CURVE keys secure a connection to --server; a private server needs none")
+        if self.local and self.server:
+            raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
+
+
+@dataclass(slots=True)
+class GenerationConfig:
+    """One sequence's sampling and stopping; every sequence of a batch has its own."""
+
+    max_new_tokens: int = option(64, "most tokens to generate")
+    temperature: float = option(0.0, "0: greedy")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = option(0, "keep the k most likely tokens (0: all)")
+    seed: int | None = option(None, "seed of this sequence's sampler (default: fresh randomness)")
+    stop_at_eos: bool = option(True, "stop at the model's end-of-sequence token")
+    stop: tuple[str, ...] = option((), "stop before this text (repeat for several, up to 4)", metavar="TEXT")
+    logprobs: int | None = option(None, "return the log-probability of each token and this many alternatives "
+                                  "(0..20)", metavar="N")
+
+    def __post_init__(self):
+        _check_min("max_new_tokens", self.max_new_tokens, 1)
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_min("top_k", self.top_k, 0)
+        self.stop = tuple(self.stop)
+        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+            raise ConfigError("stop takes up to 4 non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ConfigError(f"logprobs must be in 0..20, got {self.logprobs}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """Continuous batching on the trusted side: how many sequences share a step, and their memory."""
+
+    max_batch: int = option(8, "most sequences decoding at once")
+    max_queue: int = option(64, "most requests waiting for a place; past it, new ones are refused (HTTP 429)")
+    kv_cache_mb: int = option(2048, "memory budget of all KV caches together; a request waits until its "
+                              "cache fits")
+    prefill_chunk: int = option(256, "most prompt tokens one step prefills, over all sequences")
+
+    def __post_init__(self):
+        for name in ("max_batch", "kv_cache_mb", "prefill_chunk"):
+            _check_min(name, getattr(self, name), 1)
+        _check_min("max_queue", self.max_queue, 0)
+
+
+@dataclass(slots=True)
+class ApiConfig:
+    """The OpenAI-compatible HTTP front end (`teegpu api`)."""
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on (0: a free one)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every /v1 request", metavar="KEY")
+    max_body_bytes: int = option(1 << 20, "largest request body accepted (HTTP 413 past it)")
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        _check_min("max_body_bytes", self.max_body_bytes, 1024)
+
+
+# ---- dataclass <-> argparse ----
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of `cls`, typed from its annotation, with the help from its metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, meta = hints[f.name], dict(f.metadata)
+        kw = {"dest": f.name, "help": meta.pop("help", None), **meta}
+        if hint is bool:
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+            kw["default"] = f.default
+        elif typing.get_origin(hint) is tuple:
+            kw.update(action="append", type=typing.get_args(hint)[0], default=None)
+        else:
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            kw.update(type=base, default=f.default)
+        parser.add_argument(flag(f.name), **kw)
+
+
+def from_args(cls, args: argparse.Namespace):
+    """The dataclass `add_arguments` described, filled from parsed arguments."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value or ()) if typing.get_origin(hints[f.name]) is tuple else value
+    return cls(**values)
+
+
+def to_argv(config) -> list[str]:
+    """The flags that give a child process this config (fields at their default are left out)."""
+    argv = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            for item in value:
+                argv += [flag(f.name), str(item)]
+        elif value is not None:
+            argv += [flag(f.name), str(value)]
+    return argv

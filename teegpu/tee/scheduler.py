@@ -1,0 +1,281 @@
+"""Continuous batching on the trusted side.
+
+Requests join and leave at step boundaries. One step packs the rows of every running
+sequence (one decode token each, plus prompt chunks up to `prefill_chunk` tokens in all)
+into one activation per linear op, so a step costs 4L+1 round trips however many users
+share it. Each sequence keeps its own KV cache, reserved in a byte budget (`KVBudget`)
+at admission, its own sampler and its own stop rules; its tokens never depend on its
+neighbours beyond float rounding.
+
+`submit` and `cancel` may be called from any thread; `step` (or `run`, a loop of steps)
+from one thread only. Events reach each sequence's `on_event` on the stepping thread.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from teegpu.config import GenerationConfig, SchedulerConfig
+from teegpu.errors import ConfigError, ContextLengthError, Overloaded, ServerUnavailable, TeegpuError
+from teegpu.model.llama import KVCache, Segment
+from teegpu.tee.sampling import sample, token_logprobs
+from teegpu.tee.text_stream import TextStream
+
+PING_INTERVAL_S = 2.0  # how often an idle scheduler checks that the server still answers
+
+
+@dataclass(slots=True)
+class Event:
+    """What a sequence produced in one step: new text, the logprobs of its new tokens, and at
+    the end a finish reason ("stop", "length", "cancelled") or an error."""
+
+    text: str = ""
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+class Sequence:
+    """One request's state: prompt, generated tokens, its cache and its sampler."""
+
+    def __init__(self, seq_id: int, prompt_ids: list[int], gen: GenerationConfig, stream: TextStream,
+                 on_event: Callable[[Event], None] | None):
+        self.id, self.prompt_ids, self.gen, self.stream = seq_id, prompt_ids, gen, stream
+        self.on_event = on_event
+        self.rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
+        self.out: list[int] = []
+        self.cache: KVCache | None = None
+        self.reserved_bytes = 0
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.logprobs: list = []
+        self.done = threading.Event()
+        self.submitted_s = time.monotonic()
+        self.started_s: float | None = None
+        self.first_token_s: float | None = None
+        self.decode_s, self.decode_steps = 0.0, 0
+
+    @property
+    def positions(self) -> int:
+        return len(self.prompt_ids) + self.gen.max_new_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+
+class KVBudget:
+    """Bytes of KV cache reserved by running sequences, against the configured budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+
+    def try_reserve(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+
+class Scheduler:
+    def __init__(self, engine, config: SchedulerConfig | None = None):
+        self.engine = engine
+        self.config = config or SchedulerConfig()
+        self.kv = KVBudget(self.config.kv_cache_mb << 20)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.server_ok = True  # the last step or ping reached the server
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, rows) of each step
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+
+    # -- requests in, from any thread --
+
+    def submit(self, prompt_ids: list[int], gen: GenerationConfig,
+               on_event: Callable[[Event], None] | None = None) -> Sequence:
+        """Queue a request; raise ContextLengthError if it can never fit, Overloaded if the queue is full."""
+        window = self.engine.config.max_position_embeddings
+        if len(prompt_ids) + gen.max_new_tokens > window:
+            raise ContextLengthError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {gen.max_new_tokens} = "
+                f"{len(prompt_ids) + gen.max_new_tokens} exceeds the context window of {window} tokens")
+        if self.engine.cache_bytes(len(prompt_ids) + gen.max_new_tokens) > self.kv.budget:
+            raise ConfigError(f"a KV cache for {len(prompt_ids) + gen.max_new_tokens} positions exceeds the whole "
+                              f"KV budget of {self.config.kv_cache_mb} MB: ask for fewer tokens")
+        self.engine.check_ids(prompt_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event)
+        with self._lock:
+            places = self.config.max_queue + max(0, self.config.max_batch - len(self.running))
+            if len(self.waiting) >= places:
+                raise Overloaded(f"{len(self.waiting)} requests already wait for a place: try again later")
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence at the next step boundary and free its cache (a client went away)."""
+        seq.cancelled = True
+        with self._lock:
+            self._wake.notify()
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        with self._lock:
+            return len(self.running), len(self.waiting)
+
+    # -- steps, from one thread --
+
+    def run(self, stop: threading.Event) -> None:
+        """Step while there is work; when idle, wait for requests and ping the server now and then."""
+        while not stop.is_set():
+            if self.step():
+                continue
+            with self._lock:
+                if not self.waiting and not self.running:
+                    self._wake.wait(PING_INTERVAL_S)
+                    idle = not self.waiting and not self.running
+                else:
+                    idle = False
+            if idle and not stop.is_set():
+                self.server_ok = self.engine.ping()
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One step over every running sequence; False when there was nothing to do."""
+        with self._lock:
+            self._retire_cancelled()
+            self._admit()
+            plan = self._plan()
+        if not plan:
+            return False
+        start = time.monotonic()
+        for seq, _, _ in plan:
+            seq.started_s = seq.started_s or start
+        ids = [t for _, chunk, _ in plan for t in chunk]
+        segments = [Segment(seq.cache, pos, len(chunk)) for seq, chunk, pos in plan]
+        sampled = [(i, seq) for i, (seq, chunk, pos) in enumerate(plan) if pos + len(chunk) >= len(seq.prompt_ids)]
+        rows = list(itertools.accumulate(len(chunk) for _, chunk, _ in plan))
+        try:
+            logits = self.engine.forward_packed(ids, segments, [rows[i] - 1 for i, _ in sampled])
+        except Exception as e:  # the step failed: its sequences end with the error, the others go on
+            self.server_ok = not isinstance(e, ServerUnavailable)
+            for seq, _, _ in plan:
+                self._finish(seq, None, as_teegpu_error(e))
+            return True
+        self.server_ok = True
+        elapsed = time.monotonic() - start
+        for seq, chunk, _ in plan:
+            if seq.decoding:
+                seq.decode_s += elapsed
+                seq.decode_steps += 1
+            else:
+                seq.prefilled += len(chunk)
+        self._sample_all(logits, [seq for _, seq in sampled])
+        if self.on_step is not None:
+            self.on_step(elapsed, len(ids))
+        return True
+
+    def _retire_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled", locked=True)
+        for seq in [s for s in self.running if s.cancelled]:
+            self._finish(seq, "cancelled", locked=True)
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch, first come first served, while places and KV budget allow."""
+        while self.waiting and len(self.running) < self.config.max_batch:
+            seq = self.waiting[0]
+            nbytes = self.engine.cache_bytes(seq.positions)
+            if not self.kv.try_reserve(nbytes):
+                return
+            self.waiting.popleft()
+            seq.reserved_bytes = nbytes
+            seq.cache = self.engine.new_cache(seq.positions)
+            self.running.append(seq)
+
+    def _plan(self) -> list[tuple[Sequence, list[int], int]]:
+        """(sequence, token ids, position of the first) of this step: every decoding sequence's
+        last token, then prompt chunks in admission order up to the prefill budget."""
+        plan = [(s, [s.out[-1]], len(s.prompt_ids) + len(s.out) - 1) for s in self.running if s.decoding]
+        budget = self.config.prefill_chunk
+        for seq in self.running:
+            if seq.decoding or budget == 0:
+                continue
+            n = min(budget, len(seq.prompt_ids) - seq.prefilled)
+            plan.append((seq, seq.prompt_ids[seq.prefilled:seq.prefilled + n], seq.prefilled))
+            budget -= n
+        return plan
+
+    def _sample_all(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(seqs):
+            try:
+                gen = seq.gen
+                token = greedy[row] if gen.temperature <= 0 else sample(
+                    logits[row], gen.temperature, gen.top_k, gen.top_p, seq.rng)
+                self._advance(seq, token, logits[row])
+            except Exception as e:  # one sequence's failure (its tokenizer, its callback) ends it alone
+                self._finish(seq, None, as_teegpu_error(e))
+
+    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        """Take the sampled token: emit its text, or finish at EOS, a stop string or the length limit."""
+        seq.first_token_s = seq.first_token_s or time.monotonic()
+        if seq.gen.stop_at_eos and token in self.engine.stop_ids:
+            return self._finish(seq, "stop")
+        seq.out.append(token)
+        entries = []
+        if seq.gen.logprobs is not None:
+            entries = [token_logprobs(logits, token, seq.gen.logprobs, self.engine.token_text)]
+            seq.logprobs += entries
+        delta, stopped = seq.stream.push(seq.out)
+        if stopped or len(seq.out) == seq.gen.max_new_tokens:
+            return self._finish(seq, "stop" if stopped else "length", events=Event(delta, entries))
+        if (delta or entries) and seq.on_event is not None:
+            seq.on_event(Event(delta, entries))
+
+    def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None = None,
+                events: Event | None = None, locked: bool = False) -> None:
+        """End a sequence: free its cache, flush its text, tell its owner."""
+        if not locked:
+            with self._lock:
+                return self._finish(seq, reason, error, events, locked=True)
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.release(seq.reserved_bytes)
+        seq.cache, seq.finish_reason, seq.error = None, reason, error
+        event = events or Event()
+        if error is None and reason != "cancelled":
+            event.text += seq.stream.finish(seq.out)
+        event.finish_reason, event.error = reason, error
+        if seq.on_event is not None:
+            try:
+                seq.on_event(event)
+            except Exception:
+                pass  # the owner's failure must not stop the others
+        seq.done.set()
+
+
+def as_teegpu_error(e: Exception) -> TeegpuError:
+    """A typed error for a sequence's owner; an unexpected one keeps its cause for debugging."""
+    if isinstance(e, TeegpuError):
+        return e
+    wrapped = TeegpuError(f"{type(e).__name__}: {e}")
+    wrapped.__cause__ = e
+    return wrapped
