@@ -9,6 +9,7 @@ would answer 200.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import sys
@@ -328,7 +329,9 @@ KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health
 
 def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig) -> None:
     """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start."""
-    service = Service(api, engine_config, scheduler_config)
+    # otp: pads for the rows of two full decode steps stay ready (a prefill chunk may stall once)
+    rows = max(engine_config.mask_pool_rows, 2 * scheduler_config.max_batch)
+    service = Service(api, dataclasses.replace(engine_config, mask_pool_rows=rows), scheduler_config)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port, log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=5))
     threading.Thread(target=_load_and_announce, args=(service, server), name="loader", daemon=True).start()

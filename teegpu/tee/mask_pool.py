@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from teegpu.errors import ConfigError
+from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.ring import ring_matmul
 
 
@@ -41,7 +42,8 @@ class PoolStats:
 
 
 class MaskPool:
-    def __init__(self, weights: dict, rows: int = 32, background: bool = True, progress: bool = True):
+    def __init__(self, weights: dict, rows: int = DEFAULT_MASK_POOL_ROWS, background: bool = True,
+                 progress: bool = True):
         """weights: {(op, layer): RingWeight}; rows kept ready per key, refilled in one batch once
         a key falls to half (batches are cheaper, and a pool sized for a whole generation is
         not refilled during it)."""
