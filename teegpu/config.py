@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from teegpu.errors import ConfigError
 from teegpu.options import (
-    DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, DEVICES, DTYPES, PRIVACY_MODES,
+    CONTROL_PLANES, DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_SPIN_MAX_US, DEFAULT_TIMEOUT_MS, DEVICES, DTYPES,
+    PRIVACY_MODES,
 )
 
 
@@ -43,9 +44,14 @@ class ServerConfig:
     dtype: str = option("float32", "weights and wire dtype", choices=DTYPES)
     data_plane: str = option("shm", "shm: clients on this host may pass tensors through /dev/shm; socket: refuse",
                              choices=DATA_PLANES)
+    control_plane: str = option("doorbell", "doorbell: shm clients may announce requests in their region's "
+                                "doorbell; socket: only by message", choices=CONTROL_PLANES)
+    spin_max_us: int = option(DEFAULT_SPIN_MAX_US, "longest the server polls doorbells after a request before it "
+                              "sleeps on its socket (adapted to the traffic below that)")
     # Pays where the server host has idle cores (a GPU server): the next request of a decode
     # step follows within tens of microseconds. On a 2-core host it steals the client's core.
-    busy_poll_us: int = option(0, "after each reply, poll this long without sleeping (hosts with idle cores)")
+    busy_poll_us: int = option(0, "after each reply, poll the socket this long without sleeping (hosts with "
+                               "idle cores; socket control plane)")
     privacy: str = option("plain", "otp: integer weights, accept only one-time-padded int64 activations",
                           choices=PRIVACY_MODES)
     curve_secret: str | None = option(None, "CURVE: this server's NAME.key_secret (needs --curve-allow)",
@@ -59,9 +65,11 @@ class ServerConfig:
             raise ConfigError("CURVE needs both the server's secret key and the client allow list")
         _check_choice("privacy", self.privacy, PRIVACY_MODES)
         _check_choice("data plane", self.data_plane, DATA_PLANES)
+        _check_choice("control plane", self.control_plane, CONTROL_PLANES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_min("busy_poll_us", self.busy_poll_us, 0)
+        _check_min("spin_max_us", self.spin_max_us, 0)
 
     def to_argv(self) -> list[str]:
         return to_argv(self)
@@ -80,6 +88,8 @@ class EngineConfig:
     device: str = option("auto", "device of the started server", choices=DEVICES)
     data_plane: str = option("shm", "shm: tensors through /dev/shm when the server is on this host; "
                              "socket: in the messages", choices=DATA_PLANES)
+    control_plane: str = option("doorbell", "with shm, announce requests in the region's doorbell (polled, no "
+                                "wake-ups) or by message", choices=CONTROL_PLANES)
     timeout_ms: int = option(DEFAULT_TIMEOUT_MS, "deadline of each request to the server")
     offload_attention: bool = option(False, "plaintext Q*K^T and P*V on the server (the seed's schedule)")
     rpc_log: str | None = option(None, "write one JSON Lines record per RPC (teegpu analyze reads it)",
@@ -100,6 +110,7 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("data plane", self.data_plane, DATA_PLANES)
+        _check_choice("control plane", self.control_plane, CONTROL_PLANES)
         _check_choice("privacy", self.privacy, PRIVACY_MODES)
         _check_min("mask_pool_rows", self.mask_pool_rows, 1)
         _check_min("threads", self.threads, 1)

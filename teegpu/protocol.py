@@ -10,8 +10,10 @@ contiguous tensors: no msgpack, pickle or JSON around payloads. An error reply a
 the HELLO reply carry one UTF-8 (JSON for HELLO) frame instead of tensors.
 
 With the shared-memory data plane (FLAG_SHM) the message is the header alone: the
-tensors it describes lie in the client's region under /dev/shm, packed from offset 0
-at ALIGN-byte boundaries (`shm_offsets`); the reply's tensors follow the request's.
+tensors it describes lie in the client's region under /dev/shm, packed from DATA_START
+at ALIGN-byte boundaries (`shm_offsets`); the reply's tensors follow the request's. The
+region's first CONTROL_BYTES hold the doorbell (transport/doorbell.py): with it even the
+header travels through the region, and RING over the socket only wakes a sleeping server.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class Op(IntEnum):
     ATTN_CONTEXT = 7  # plaintext P*V (--offload-attention only)
     ATTACH_SHM = 8  # one UTF-8 frame: the name of the client's region under /dev/shm
     SINK = 9  # takes one tensor of any shape, returns nothing: measures transfers
+    RING = 10  # no payload: "a request waits in my region's doorbell" (the server was asleep)
 
 
 LINEAR_OPS = (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
@@ -65,6 +68,10 @@ class ErrorCode(IntEnum):
 
 FLAG_SHM = 1  # the tensors of this message lie in the shared region, not in frames
 ALIGN = 64
+CONTROL_BYTES = 4096  # the doorbell page at the start of a shared region
+DATA_START = CONTROL_BYTES  # where a shared-memory request's tensors begin
+ATTACHED = b"attached"  # the ATTACH_SHM reply; with the doorbell: ATTACHED + DOORBELL
+DOORBELL = b" doorbell"
 
 
 DTYPE_CODES: dict[int, torch.dtype] = {
@@ -169,7 +176,7 @@ def align_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def shm_offsets(descs, start: int = 0) -> tuple[list[int], int]:
+def shm_offsets(descs, start: int = DATA_START) -> tuple[list[int], int]:
     """Offsets of tensors packed from `start` at ALIGN boundaries, and the end of the last one."""
     offsets, pos = [], start
     for d in descs:

@@ -24,16 +24,17 @@ def test_side_by_side_bench_runs_every_column(tiny_model_dir):
     from bench import suite
 
     res = suite.measure(model=str(tiny_model_dir), tokens=3, prefill=(8, 16), repeats=1,
-                        dtypes=("float32", "bfloat16"), planes=("tcp", "ipc", "shm"), transfer_mb=0.5,
+                        dtypes=("float32", "bfloat16"), planes=("tcp", "ipc", "shm", "doorbell"),
+                        transfer_mb=0.5,
                         progress=False)
     cols = res["columns"]
-    splits = [f"split {p} {d}" for d in ("float32", "bfloat16") for p in ("tcp", "ipc", "shm")]
-    private = ["split verify shm", "otp shm", "otp verify shm"]
+    splits = [f"split {p} {d}" for d in ("float32", "bfloat16") for p in ("tcp", "ipc", "shm", "doorbell")]
+    private = ["split verify doorbell", "otp doorbell", "otp verify doorbell"]
     assert set(cols) == {"hf float32", "hf bfloat16", "tee-only float32", "tee-only bfloat16", "limits", *splits,
                          *private}
     for name in private:
         assert cols[name]["rpcs_per_token"]["median"] == 13 and cols[name]["decode_ms_per_token"]["min"] > 0
-    assert cols["otp shm"]["offline_ms_per_token"]["min"] > 0
+    assert cols["otp doorbell"]["offline_ms_per_token"]["min"] > 0
     for name in splits:
         c = cols[name]
         assert c["rpcs_per_token"]["median"] == res["expected_rpcs_per_token"] == rpcs_per_forward(3)
@@ -43,6 +44,7 @@ def test_side_by_side_bench_runs_every_column(tiny_model_dir):
                                              "transfer_ms_per_token"))
         assert 0 < c["trusted_ms_per_token"]["min"] < c["decode_ms_per_token"]["min"]
     assert cols["limits"]["memcpy_ms"]["min"] > 0 and cols["limits"]["rpc_overhead_us"]["min"] > 0
+    assert 0 < cols["limits"]["spin_floor_us"]["min"] < cols["limits"]["rpc_overhead_us"]["min"]
     table = suite.format_table(res)
     assert all(name in table for name in cols) and "x memcpy" in table
     lines = suite.targets(res)

@@ -37,7 +37,8 @@ def sent_frames(client):
 
 def test_tensors_bypass_the_socket_and_results_match(tiny_server):
     x = torch.randn(3, HIDDEN)
-    with RpcClient(tiny_server.endpoint, 5_000) as plain, RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as shm:
+    with RpcClient(tiny_server.endpoint, 5_000) as plain, \
+            RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", control_plane="socket") as shm:
         assert shm.data_plane == "shm"
         # the region is a plain file directly under /dev/shm, only ours to read ...
         path = os.path.join(SHM_DIR, shm.shm.name)
@@ -75,7 +76,7 @@ def test_after_a_timeout_the_client_attaches_a_fresh_region(tiny_server):
 
 
 def test_message_larger_than_the_region_goes_inline(tiny_server):
-    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=4096) as client:
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=8192) as client:  # 4 KB doorbell page, 4 KB of tensors
         small, big = torch.randn(1, HIDDEN), torch.randn(40, HIDDEN)  # 40 rows: 10 KB in, 20 KB out
         head, y = call(client, Op.QKV, 0, [small])
         assert head.flags & FLAG_SHM
@@ -85,7 +86,7 @@ def test_message_larger_than_the_region_goes_inline(tiny_server):
 
 def test_reply_that_does_not_fit_comes_inline(tiny_server):
     """Request fits the region, reply would not: the server answers in frames, nothing cut."""
-    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=4096) as client:
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm", shm_bytes=8192) as client:  # 4 KB doorbell page, 4 KB of tensors
         x = torch.randn(12, HIDDEN)  # 3 KB request, 7.7 KB reply
         head, y = call(client, Op.QKV, 0, [x])
         assert not head.flags & FLAG_SHM and y.shape == (12, QKV_OUT)
@@ -121,13 +122,13 @@ def test_shm_request_without_a_region_is_refused(tiny_server):
 
 
 def test_region_views_and_bounds():
-    region = ShmRegion.create(1 << 12)
+    region = ShmRegion.create(1 << 13)
     try:
         other = ShmRegion.attach(region.name)
         region.tensor(64, torch.float32, (4,)).copy_(torch.arange(4.0))
         assert torch.equal(other.tensor(64, torch.float32, (4,)), torch.arange(4.0))  # the same memory
         with pytest.raises(ProtocolError, match="exceed"):
-            region.tensor(4000, torch.float32, (100,))
+            region.tensor(8000, torch.float32, (100,))
         other.close()
     finally:
         region.close()

@@ -15,11 +15,13 @@ from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
-    ALIGN, ATTENTION_OPS, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
+    ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
     decode_header, encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames,
 )
 from teegpu.ring import RingWeight, quantize_linears, ring_fingerprint, ring_matmul
+from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import ServerCurve, ServerSocket, ShmRegion
+from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 
@@ -36,7 +38,7 @@ class LinearServer:
     """Holds the fused linear weights on the device and answers one request at a time."""
 
     def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True,
-                 privacy: str = "plain"):
+                 privacy: str = "plain", doorbell: bool = True):
         self.config = weights.config
         self.allow_shm = allow_shm
         self.fingerprint = weights.fingerprint
@@ -56,16 +58,18 @@ class LinearServer:
         self.shapes = {key: tuple(w.shape) for key, w in weights.served().items()}  # (d_out, d_in)
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
+        self.handled: dict[bytes, int] = {}  # by client: the last doorbell sequence number answered
+        self.doorbell = doorbell  # poll the attached regions' doorbells
 
     def hello(self) -> Hello:
         return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
                      dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), privacy=self.privacy,
                      ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict())
 
-    def handle(self, identity: bytes, header_frame, frames) -> tuple[bytes, list]:
-        """Answer one request; raise ProtocolError for anything malformed."""
+    def handle(self, identity: bytes, header: bytes | memoryview, frames) -> tuple[bytes, list] | None:
+        """Answer one request (None for RING, which only wakes us); raise ProtocolError for anything malformed."""
         received_ns = time.perf_counter_ns()
-        head = decode_header(header_frame.buffer)
+        head = decode_header(header)
         if head.op not in Op._value2member_map_:
             raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown op {head.op}")
         op = Op(head.op)
@@ -73,21 +77,9 @@ class LinearServer:
             return encode_header(op, head.request_id, head.layer), [self.hello().to_bytes()]
         if op == Op.ATTACH_SHM:
             return self._attach(identity, head, frames)
-        region = None
-        if head.flags & FLAG_SHM:
-            region = self.regions.get(identity)
-            if region is None or frames:
-                raise ProtocolError(ErrorCode.BAD_SHM, "tensors announced in a shared region that this "
-                                    "client has not attached, or frames sent as well")
-            offsets, request_end = shm_offsets(head.tensors)
-            if request_end > region.size:
-                raise ProtocolError(ErrorCode.BAD_SHM, f"request of {request_end} bytes exceeds the shared "
-                                    f"region of {region.size}")
-            inputs = [region.tensor(off, d.dtype, d.shape) for d, off in zip(head.tensors, offsets)]
-        else:
-            # a frame may lie at any address, and CPU GEMM kernels round differently on unaligned
-            # input: align it, so that a result never depends on the data plane that carried it
-            inputs = [t if t.data_ptr() % ALIGN == 0 else t.clone() for t in tensors_from_frames(head.tensors, frames)]
+        if op == Op.RING:
+            return None
+        region, inputs, request_end = self._inputs(identity, head, frames)
         if op == Op.SINK:
             if len(inputs) != 1:
                 raise ProtocolError(ErrorCode.BAD_FRAMES, f"SINK takes 1 tensor, got {len(inputs)}")
@@ -103,9 +95,26 @@ class LinearServer:
         result = self._compute(op, head.layer, inputs, out)
         compute_ns = time.perf_counter_ns() - start_ns
         overhead_ns = time.perf_counter_ns() - received_ns - compute_ns
-        header = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
-                               overhead_ns=overhead_ns, flags=FLAG_SHM if out is not None else 0)
-        return header, [] if out is not None else [tensor_frame(result)]
+        reply = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
+                              overhead_ns=overhead_ns, flags=FLAG_SHM if out is not None else 0)
+        return reply, [] if out is not None else [tensor_frame(result)]
+
+    def _inputs(self, identity: bytes, head, frames) -> tuple[ShmRegion | None, list[torch.Tensor], int]:
+        """(the client's region if the tensors lie there, the input tensors, the end of the request)."""
+        if not head.flags & FLAG_SHM:
+            # a frame may lie at any address, and CPU GEMM kernels round differently on unaligned
+            # input: align it, so that a result never depends on the data plane that carried it
+            tensors = tensors_from_frames(head.tensors, frames)
+            return None, [t if t.data_ptr() % ALIGN == 0 else t.clone() for t in tensors], 0
+        region = self.regions.get(identity)
+        if region is None or frames:
+            raise ProtocolError(ErrorCode.BAD_SHM, "tensors announced in a shared region that this "
+                                "client has not attached, or frames sent as well")
+        offsets, request_end = shm_offsets(head.tensors)
+        if request_end > region.size:
+            raise ProtocolError(ErrorCode.BAD_SHM, f"request of {request_end} bytes exceeds the shared "
+                                f"region of {region.size}")
+        return region, [region.tensor(off, d.dtype, d.shape) for d, off in zip(head.tensors, offsets)], request_end
 
     def _attach(self, identity: bytes, head, frames) -> tuple[bytes, list]:
         if not self.allow_shm:
@@ -121,9 +130,13 @@ class LinearServer:
         if old is not None:
             old.close()
         self.regions[identity] = region
+        self.handled[identity] = 0  # a fresh region: its first request will be number 1
         while len(self.regions) > MAX_REGIONS:  # clients that went away without a word
-            self.regions.popitem(last=False)[1].close()
-        return encode_header(Op.ATTACH_SHM, head.request_id, head.layer), [b"attached"]
+            gone, old = self.regions.popitem(last=False)
+            self.handled.pop(gone, None)
+            old.close()
+        answer = ATTACHED + DOORBELL if self.doorbell else ATTACHED
+        return encode_header(Op.ATTACH_SHM, head.request_id, head.layer), [answer]
 
     def _validate(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> None:
         cfg = self.config
@@ -184,27 +197,102 @@ class LinearServer:
             return out
         return result if on_cpu else result.cpu()
 
-    def serve(self, sock: ServerSocket, stop: threading.Event, poll_ms: int = 200, busy_poll_us: int = 0) -> None:
-        """Answer requests until `stop` is set. A bad request gets an error reply, never a crash."""
-        spin_us = 0
+    def serve(self, sock: ServerSocket, stop: threading.Event, poll_ms: int = 200, busy_poll_us: int = 0,
+              spin_max_us: int = DEFAULT_SPIN_MAX_US) -> None:
+        """Answer requests until `stop` is set. A bad request gets an error reply, never a crash.
+
+        While doorbell clients are attached, poll their doorbells and the socket for a window
+        adapted to the traffic after the last request; then announce sleep, look once more, and
+        block on the socket (a client rings there when it sees us asleep)."""
+        window = SpinWindow(spin_max_us if self.doorbell else 0)
         while not stop.is_set():
-            msg = sock.recv(poll_ms, spin_us)
-            spin_us = busy_poll_us if msg is not None else 0
-            if msg is None:
+            if self._serve_doorbells(sock) or self._serve_socket(sock, 0):
+                window.busy()
+            elif window.open() and self.regions:
+                relax()
+            elif self._sleep(sock, poll_ms, busy_poll_us):
+                window.busy()
+
+    def _sleep(self, sock: ServerSocket, poll_ms: int, busy_poll_us: int) -> bool:
+        """Block on the socket until a message or poll_ms; whether something was served."""
+        self._announce(ASLEEP)
+        try:
+            if self._serve_doorbells(sock):  # posted while we decided to sleep: its client saw us awake
+                return True
+            return self._serve_socket(sock, poll_ms, busy_poll_us)
+        finally:
+            self._announce(AWAKE)
+
+    def _announce(self, state: int) -> None:
+        if self.doorbell:
+            for region in self.regions.values():
+                region.doorbell.set_server(state)
+
+    def _serve_socket(self, sock: ServerSocket, timeout_ms: int, spin_us: int = 0) -> bool:
+        msg = sock.recv(timeout_ms, spin_us)
+        if msg is None or len(msg) < 2:
+            return False  # a ROUTER always prepends the identity; nothing to answer otherwise
+        identity, header, frames = msg[0], msg[1], msg[2:]
+        self.requests += 1
+        reply = self._answer(sock, identity.bytes, header.buffer, frames)
+        if reply is not None:
+            sock.reply(identity, *reply)
+        return True
+
+    def _answer(self, sock: ServerSocket, identity: bytes, header, frames) -> tuple[bytes, list] | None:
+        """handle(), with every failure turned into an error reply sent at once."""
+        try:
+            return self.handle(identity, header, frames)
+        except ProtocolError as e:
+            sock.reply_error(identity, header, e.code, str(e))
+        except Exception as e:  # never let one request take the server down
+            sock.reply_error(identity, header, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return None
+
+    def _serve_doorbells(self, sock: ServerSocket) -> bool:
+        """Answer every request waiting in a doorbell; whether there was one."""
+        served = False
+        for identity, region in list(self.regions.items()):
+            seq = region.doorbell.pending(self.handled.get(identity, 0)) if self.doorbell else 0
+            if not seq:
                 continue
-            if len(msg) < 2:
-                continue  # a ROUTER always prepends the identity; nothing to answer
-            identity, header, frames = msg[0], msg[1], msg[2:]
+            served, self.handled[identity] = True, seq
             self.requests += 1
             try:
-                reply_header, reply_frames = self.handle(identity.bytes, header, frames)
+                header = region.doorbell.request_header()
             except ProtocolError as e:
-                sock.reply_error(identity, header, e.code, str(e))
+                sock.reply_error(identity, b"", e.code, str(e))
                 continue
-            except Exception as e:  # never let one request take the server down
-                sock.reply_error(identity, header, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            reply = self._answer(sock, identity, header, [])
+            if reply is None:
                 continue
-            sock.reply(identity, reply_header, reply_frames)
+            if reply[1] or not region.doorbell.answer(seq, reply[0]):
+                sock.reply(identity, *reply)  # too large for the region, or the client sleeps on its socket
+        return served
+
+
+class SpinWindow:
+    """How long the server keeps polling after a request: twice the typical gap between requests
+    (the clients' own compute between products), within [MIN_SPIN_US, the configured maximum].
+    Gaps longer than the maximum are idle time and do not count."""
+
+    MIN_SPIN_US = 50
+
+    def __init__(self, max_us: int):
+        self.max_ns = max_us * 1000
+        self.gap_ns = self.MIN_SPIN_US * 1000.0
+        self.last_ns = 0
+
+    def busy(self) -> None:
+        now = time.perf_counter_ns()
+        gap = now - self.last_ns
+        if gap < self.max_ns:
+            self.gap_ns += (gap - self.gap_ns) / 8
+        self.last_ns = now
+
+    def open(self) -> bool:
+        window = min(self.max_ns, max(self.MIN_SPIN_US * 1000, 2 * self.gap_ns))
+        return time.perf_counter_ns() - self.last_ns < window
 
 
 def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None) -> None:
@@ -212,7 +300,7 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
     device = pick_device(config.device)
     weights = load_weights(config.model)
     server = LinearServer(weights, device, WIRE_DTYPES[config.dtype], allow_shm=config.data_plane == "shm",
-                          privacy=config.privacy)
+                          privacy=config.privacy, doorbell=config.control_plane == "doorbell")
     del weights
     curve = ServerCurve(config.curve_secret, config.curve_allow) if config.curve_secret else None
     sock = ServerSocket(config.endpoint, curve=curve)
@@ -223,11 +311,12 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype}, "
-          f"data plane {config.data_plane}, privacy {config.privacy}, curve {'on' if curve else 'off'})", flush=True)
+          f"data plane {config.data_plane}, control plane {config.control_plane}, privacy {config.privacy}, "
+          f"curve {'on' if curve else 'off'})", flush=True)
     if ready is not None:
         ready(sock.bound_url)
     try:
-        server.serve(sock, stop, busy_poll_us=config.busy_poll_us)
+        server.serve(sock, stop, busy_poll_us=config.busy_poll_us, spin_max_us=config.spin_max_us)
     finally:
         for region in server.regions.values():
             region.close()

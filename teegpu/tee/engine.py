@@ -106,7 +106,8 @@ class Engine:
                        offload_attention=config.offload_attention, stop_ids=stop_ids)
         curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
         engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
-                             data_plane=config.data_plane, privacy=config.privacy, verify=config.verify,
+                             data_plane=config.data_plane, control_plane=config.control_plane,
+                             privacy=config.privacy, verify=config.verify,
                              mask_pool_rows=config.mask_pool_rows, curve=curve,
                              offload_attention=config.offload_attention, stop_ids=stop_ids)
         engine.server_process = proc
@@ -117,10 +118,11 @@ class Engine:
     @classmethod
     def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS,
                 data_plane: str = "socket", privacy: str = "plain", verify: bool = False,
-                mask_pool_rows: int = DEFAULT_MASK_POOL_ROWS, curve: ClientCurve | None = None, **kw) -> "Engine":
+                mask_pool_rows: int = DEFAULT_MASK_POOL_ROWS, curve: ClientCurve | None = None,
+                control_plane: str = "doorbell", **kw) -> "Engine":
         """An engine on already loaded weights, using the server at `endpoint` after a handshake."""
         check_endpoint_reachable(endpoint)
-        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve)
+        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve, control_plane=control_plane)
         try:
             hello = handshake(client, weights, privacy)
             linears = open_linears(client, weights, hello, privacy, verify, mask_pool_rows)
@@ -264,7 +266,7 @@ def run_info(config: EngineConfig, hello: Hello, client: RpcClient) -> dict:
     return {"model": str(resolve_model_path(config.model)), "fingerprint": hello.fingerprint,
             "transport": client.endpoint.transport, "endpoint": client.endpoint.url,
             "dtype": hello.dtype, "device": hello.device, "privacy": config.privacy,
-            "verify": config.verify, "data_plane": client.data_plane,
+            "verify": config.verify, "data_plane": client.data_plane, "doorbell": client.doorbell,
             "offload_attention": config.offload_attention, "num_layers": hello.config["num_layers"],
             "versions": {"teegpu": __version__, "torch": torch.__version__, "pyzmq": zmq.__version__,
                          "libzmq": zmq.zmq_version()}}

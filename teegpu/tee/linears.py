@@ -73,7 +73,7 @@ class RemoteLinears:
         if self.verifier is not None:
             self.verifier.check(op, layer, list(inputs), out)
         self.telemetry.record(op.name, layer, (*reply.stamps[:5], time.perf_counter_ns()), reply.header.compute_ns,
-                              reply.header.overhead_ns, reply.sent, reply.received)
+                              reply.header.overhead_ns, reply.sent, reply.received, reply.path)
         return out
 
     def stats(self) -> dict:

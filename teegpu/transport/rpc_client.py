@@ -19,16 +19,18 @@ import torch
 import zmq
 
 from teegpu.errors import ConfigError, ProtocolError, ServerError, ServerUnavailable
-from teegpu.options import DATA_PLANES, DEFAULT_TIMEOUT_MS
+from teegpu.options import CONTROL_PLANES, DATA_PLANES, DEFAULT_TIMEOUT_MS
 from teegpu.protocol import (
-    FLAG_SHM, ErrorCode, Header, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
+    ATTACHED, DOORBELL, FLAG_SHM, ErrorCode, Header, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
     tensor_frame, tensors_from_frames,
 )
 from teegpu.transport.curve import ClientCurve
+from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
 TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM)  # answered with one UTF-8 / JSON frame instead of tensors
+MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Reply:
     stamps: tuple[int, ...]
     sent: int
     received: int
+    path: str = "socket"  # socket, shm, doorbell, doorbell-ring (woke the server), ...-slept (reply by socket)
 
 
 @dataclass(slots=True)
@@ -67,11 +70,17 @@ class _Request:
 
 class RpcClient:
     def __init__(self, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS, context: zmq.Context | None = None,
-                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES, curve: ClientCurve | None = None):
+                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES, curve: ClientCurve | None = None,
+                 control_plane: str = "doorbell"):
         if timeout_ms <= 0:
             raise ConfigError(f"timeout_ms must be positive, got {timeout_ms}")
         if data_plane not in DATA_PLANES:
             raise ConfigError(f"data plane {data_plane!r}: choose one of {DATA_PLANES}")
+        if control_plane not in CONTROL_PLANES:
+            raise ConfigError(f"control plane {control_plane!r}: choose one of {CONTROL_PLANES}")
+        self.want_doorbell = control_plane == "doorbell"
+        self.doorbell = False  # the server polls our region's doorbell (said in its ATTACH_SHM reply)
+        self.spin_ns: dict[tuple, float] = {}  # per (op, request bytes): how long to poll for a reply
         self.endpoint = parse_endpoint(endpoint)
         self.timeout_ms = timeout_ms
         self.curve = curve
@@ -134,13 +143,14 @@ class RpcClient:
             self.shm.close()
             self.shm = ShmRegion.create(size)
         try:
-            self.call(Op.ATTACH_SHM, 0, payload=self.shm.name.encode())
+            answer = self.call(Op.ATTACH_SHM, 0, payload=self.shm.name.encode()).payload
         except ServerError as e:
             if e.code not in (ErrorCode.BAD_SHM, ErrorCode.UNKNOWN_METHOD):
                 raise
             self._fall_back(f"the server cannot map it ({e})")
             return
         self.shm.unlink()
+        self.doorbell = self.want_doorbell and answer == ATTACHED + DOORBELL
 
     def call(self, op: int, layer: int, tensors=(), *, dtype: torch.dtype | None = None,
              payload: bytes | None = None, started_ns: int | None = None, timeout_ms: int | None = None) -> Reply:
@@ -149,22 +159,67 @@ class RpcClient:
         given (the conversion is part of the copy into the message); `payload` is the one text
         frame of ATTACH_SHM; `timeout_ms` shortens the deadline of this one call (a health probe)."""
         t0 = started_ns or time.perf_counter_ns()
+        deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000
         if self.shm is not None and not self._attached and op != Op.ATTACH_SHM:
             self._attach()
         request = self._pack(op, layer, tensors, dtype, payload)
         t1 = time.perf_counter_ns()
-        self._socket.send_multipart(request.frames, copy=False)
-        t2 = time.perf_counter_ns()
-        frames, t3 = self._receive(request.rid, op, timeout_ms or self.timeout_ms)
+        if self.doorbell and request.request_end:
+            path, frames, t2, t3 = self._ring(request, op, deadline)
+        else:
+            self._socket.send_multipart(request.frames, copy=False)
+            t2 = time.perf_counter_ns()
+            path, (frames, t3) = self.data_plane, self._receive(request.rid, op, deadline)
         t4 = time.perf_counter_ns()
-        received = sum(f.buffer.nbytes for f in frames)
+        received = sum(memoryview(f).nbytes for f in frames)
         self._count(request.sent, received)
         header, out, text = self._unpack(frames, request.request_end)
         if header.flags & FLAG_SHM:  # the reply's tensors came through the region
             shm_bytes = sum(d.nbytes for d in header.tensors)
             received += shm_bytes
             self.stats.bytes_received += shm_bytes
-        return Reply(header, out, text, (t0, t1, t2, t3, t4, time.perf_counter_ns()), request.sent, received)
+        stamps = (t0, t1, t2, t3, t4, time.perf_counter_ns())
+        return Reply(header, out, text, stamps, request.sent, received, path)
+
+    def _ring(self, request: _Request, op: int, deadline: float) -> tuple[str, list, int, int]:
+        """A request through the doorbell: post it in the region, wake the server over the socket
+        only if it sleeps, then poll for the reply (and the socket, where errors and replies too
+        large for the region come) for a window adapted to requests of this op and size, then
+        sleep on the socket. A request whose products take longer than MAX_SPIN_NS / 2 sleeps at
+        once: polling would only take a core from the server's threads.
+        Returns (path, reply frames, sent ns, reply ready ns)."""
+        bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
+        window = self.spin_ns.get(kind, MIN_SPIN_NS)
+        bell.set_client(AWAKE if window <= MAX_SPIN_NS else ASLEEP)
+        seq = bell.post(request.frames[0])
+        if not bell.server_awake():
+            self._socket.send(encode_header(Op.RING, request.rid, 0))
+            path = "doorbell-ring"
+        sent = time.perf_counter_ns()
+        spin_end = sent + (window if window <= MAX_SPIN_NS else 0)
+        while True:
+            if bell.replied(seq):
+                return path, [bell.reply_header()], sent, self._learn(kind, sent)
+            if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                reply = self._socket.recv_multipart(copy=False)
+                if decode_header(reply[0].buffer).request_id == request.rid:
+                    return path, [f.buffer for f in reply], sent, self._learn(kind, sent)
+            if time.perf_counter_ns() > spin_end:
+                break
+            relax()
+        bell.set_client(ASLEEP)  # from now on the server sends the reply on the socket as well
+        if bell.replied(seq):
+            return path, [bell.reply_header()], sent, self._learn(op, sent)
+        frames, ready = self._receive(request.rid, op, deadline)
+        self._learn(kind, sent)
+        return path + "-slept", frames, sent, ready
+
+    def _learn(self, kind: tuple, sent_ns: int) -> int:
+        """Adapt the polling window of requests of this kind to twice their recent wait; the time now."""
+        now = time.perf_counter_ns()
+        old = self.spin_ns.get(kind, MIN_SPIN_NS)
+        self.spin_ns[kind] = max(MIN_SPIN_NS, old + (2 * (now - sent_ns) - old) / 4)
+        return now
 
     def _pack(self, op: int, layer: int, tensors, dtype: torch.dtype | None, payload: bytes | None) -> _Request:
         """The request's frames: its tensors go into the shared region when it has room, else inline."""
@@ -190,12 +245,12 @@ class RpcClient:
 
     def _unpack(self, frames: list, request_end: int) -> tuple[Header, list, bytes]:
         """(header, tensors, text payload) of a reply; raise ServerError for an error reply."""
-        head = decode_header(frames[0].buffer)
+        head = decode_header(frames[0])
         if head.status != ErrorCode.OK:
-            message = bytes(frames[1].buffer).decode("utf-8", "replace") if len(frames) > 1 else ""
+            message = bytes(frames[1]).decode("utf-8", "replace") if len(frames) > 1 else ""
             raise ServerError(head.status, message)
         if head.op in TEXT_REPLY_OPS:
-            return head, [], bytes(frames[1].buffer) if len(frames) > 1 else b""
+            return head, [], bytes(frames[1]) if len(frames) > 1 else b""
         if head.flags & FLAG_SHM:
             return head, self._shm_reply(head, request_end, len(frames)), b""
         return head, tensors_from_frames(head.tensors, frames[1:]), b""
@@ -214,10 +269,9 @@ class RpcClient:
                                 "shared region where none was expected or it does not fit")
         return [self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(rhead.tensors, offsets)]
 
-    def _receive(self, rid: int, op: int, timeout_ms: int) -> tuple[list, int]:
-        """The reply to request `rid` and the perf_counter_ns at which it was ready to read; late
-        replies to abandoned requests are dropped."""
-        deadline = time.monotonic() + timeout_ms / 1000
+    def _receive(self, rid: int, op: int, deadline: float) -> tuple[list, int]:
+        """The reply to request `rid` (its frames' buffers) and the perf_counter_ns at which it was
+        ready to read; late replies to abandoned requests are dropped."""
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
@@ -226,10 +280,10 @@ class RpcClient:
                 hint = ("; with CURVE: is this client's public key in the server's allow list, and is the "
                         "pinned server key the server's?") if self.curve is not None else ""
                 raise ServerUnavailable(
-                    f"no reply from {self.endpoint.url} to op {op} within {timeout_ms} ms "
+                    f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} ms "
                     f"(server gone or stalled{hint})"
                 )
             ready_ns = time.perf_counter_ns()
             reply = self._socket.recv_multipart(copy=False)
             if decode_header(reply[0].buffer).request_id == rid:
-                return reply, ready_ns
+                return [f.buffer for f in reply], ready_ns

@@ -19,10 +19,11 @@ import torch
 
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.protocol import ErrorCode
+from teegpu.transport.doorbell import Doorbell
 
 SHM_DIR = "/dev/shm"
 NAME_PATTERN = re.compile(r"teegpu-[A-Za-z0-9_-]{1,64}\Z")
-MIN_BYTES = 1 << 12
+MIN_BYTES = 1 << 13  # the doorbell page and at least one page of tensors
 MAX_BYTES = 1 << 34
 DEFAULT_BYTES = 64 << 20  # a 512-token prefill of SmolLM2 needs < 8 MB; larger messages go inline
 
@@ -35,6 +36,7 @@ class ShmRegion:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.doorbell = Doorbell(self._map)
 
     @classmethod
     def create(cls, size: int = DEFAULT_BYTES) -> "ShmRegion":
@@ -89,6 +91,7 @@ class ShmRegion:
     def close(self) -> None:
         """Unmap (once no view is left) and, on the creating side, remove the file if still named."""
         self.bytes = None
+        self.doorbell.release()
         try:
             self._map.close()
         except BufferError:

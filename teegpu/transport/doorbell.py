@@ -1,0 +1,127 @@
+"""The control plane in shared memory: a doorbell in the first page of each client's region.
+
+ZeroMQ wakes four threads per round trip (client, libzmq I/O threads on both sides, server);
+here the two sides poll words of the region they already share. Layout of the first
+CONTROL_BYTES of a region (the tensors start after it, at protocol.DATA_START):
+
+    word 0  request sequence   written by the client after the request header (and tensors)
+    word 1  reply sequence     written by the server after the reply header
+    word 2  server state       AWAKE while the server polls its regions, ASLEEP when it blocks
+    word 3  client state       AWAKE while the client polls for its reply, ASLEEP when it blocks
+    REQUEST_AT  u32 length + the request's header bytes
+    REPLY_AT    u32 length + the reply's header bytes
+
+Ordering: data, then header, then the sequence word; the reader reads the sequence word,
+then the header, then the data. x86 (TSO) keeps stores in order and loads in order, so no
+barrier is needed for that. What TSO does reorder is a store followed by a load of another
+word (the store buffer): "I go to sleep" then "is there a request?" on one side against
+"here is a request" then "is the server asleep?" on the other. `fence()` (a locked
+instruction, a full barrier on x86) sits between each such store and load, so at least one
+side sees the other's store: either the server sees the request, or the client sees the
+server asleep and rings over ZeroMQ. An ARM host would also need release stores and acquire
+loads on the sequence words (docs/architecture.md).
+
+Every field is written by one side only, and each side reads the other's fields as hostile:
+lengths are bounded, headers are parsed by protocol.decode_header.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+from teegpu.errors import ProtocolError
+from teegpu.protocol import CONTROL_BYTES, ErrorCode
+
+REQUEST_SEQ, REPLY_SEQ, SERVER_STATE, CLIENT_STATE = range(4)
+ASLEEP, AWAKE = 0, 1
+REQUEST_AT, REPLY_AT = 64, 2048
+MAX_HEADER = REPLY_AT - REQUEST_AT - 4
+_LEN = struct.Struct("<I")
+_BARRIER = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier: taking an uncontended lock is a locked instruction (on x86 a full
+    fence), so stores before it are visible before loads after it."""
+    _BARRIER.acquire()
+    _BARRIER.release()
+
+
+def relax() -> None:
+    """One pause of a polling loop: give the core to whoever needs it (on 2 cores the other side's
+    compute threads), and come back at once if nobody does."""
+    os.sched_yield()
+
+
+class Doorbell:
+    """The control words and header slots of one region."""
+
+    def __init__(self, buffer):
+        view = memoryview(buffer)
+        self.words = view[:32].cast("Q")
+        self.bytes = view[:CONTROL_BYTES]
+
+    def release(self) -> None:
+        """Drop the views (the region's mapping cannot close while they exist)."""
+        self.words.release()
+        self.bytes.release()
+
+    # -- one side writes a header slot and bumps its sequence word; the other reads them --
+
+    def _write(self, at: int, header: bytes) -> None:
+        if len(header) > MAX_HEADER:
+            raise ProtocolError(ErrorCode.BAD_FRAMES, f"header of {len(header)} bytes exceeds the doorbell slot")
+        self.bytes[at + 4:at + 4 + len(header)] = header
+        self.bytes[at:at + 4] = _LEN.pack(len(header))
+
+    def _read(self, at: int) -> bytes:
+        (n,) = _LEN.unpack(self.bytes[at:at + 4])
+        if n > MAX_HEADER:
+            raise ProtocolError(ErrorCode.BAD_FRAMES, f"doorbell header length {n} exceeds the slot")
+        return bytes(self.bytes[at + 4:at + 4 + n])
+
+    # -- the client's side --
+
+    def post(self, header: bytes) -> int:
+        """Publish a request (its tensors are already in place); its sequence number."""
+        self._write(REQUEST_AT, header)
+        seq = self.words[REQUEST_SEQ] + 1
+        self.words[REQUEST_SEQ] = seq
+        fence()
+        return seq
+
+    def server_awake(self) -> bool:
+        return self.words[SERVER_STATE] == AWAKE
+
+    def replied(self, seq: int) -> bool:
+        return self.words[REPLY_SEQ] == seq
+
+    def reply_header(self) -> bytes:
+        return self._read(REPLY_AT)
+
+    def set_client(self, state: int) -> None:
+        self.words[CLIENT_STATE] = state
+        fence()
+
+    # -- the server's side --
+
+    def pending(self, handled: int) -> int:
+        """The sequence number of a request not handled yet, or 0."""
+        seq = self.words[REQUEST_SEQ]
+        return seq if seq != handled else 0
+
+    def request_header(self) -> bytes:
+        return self._read(REQUEST_AT)
+
+    def answer(self, seq: int, header: bytes) -> bool:
+        """Publish the reply to request `seq`; whether the client is polling for it (else it sleeps
+        on its socket and must be sent the reply there too)."""
+        self._write(REPLY_AT, header)
+        self.words[REPLY_SEQ] = seq
+        fence()
+        return self.words[CLIENT_STATE] == AWAKE
+
+    def set_server(self, state: int) -> None:
+        self.words[SERVER_STATE] = state
+        fence()

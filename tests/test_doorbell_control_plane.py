@@ -1,0 +1,183 @@
+"""The shared-memory doorbell: requests announced by polled words in the region instead of
+ZeroMQ messages. Results are exact on every path (doorbell, ring of a sleeping server, reply
+to a sleeping client, socket control plane), the sleep/wake race is closed, a dead peer is
+noticed, and an idle server costs no CPU."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from teegpu.config import ServerConfig
+from teegpu.errors import ServerUnavailable
+from teegpu.model.loading import load_weights
+from teegpu.protocol import WIRE_DTYPES, Op
+from teegpu.server.linear_server import LinearServer
+from teegpu.server_process import ServerProcess
+from teegpu.transport import RpcClient, ServerSocket
+from teegpu.transport.doorbell import ASLEEP
+
+HIDDEN = 64
+
+
+def product(client, x: torch.Tensor, layer: int = 1) -> tuple[torch.Tensor, str]:
+    reply = client.call(Op.QKV, layer, [x])
+    return reply.tensors[0].clone(), reply.path
+
+
+def test_every_path_gives_the_same_product(tiny_server):
+    x = torch.randn(3, HIDDEN)
+    url = tiny_server.endpoint
+    with RpcClient(url, 5_000) as plain, RpcClient(url, 5_000, data_plane="shm", control_plane="socket") as shm, \
+            RpcClient(url, 5_000, data_plane="shm") as bell:
+        want, path = product(plain, x)
+        assert path == "socket"
+        got, path = product(shm, x)
+        assert path == "shm" and torch.equal(got, want)
+        product(bell, x)  # attaches the region
+        assert bell.doorbell
+        sends = count_sends(bell)
+        paths = set()
+        for _ in range(20):
+            before = len(sends)
+            got, path = product(bell, x)
+            assert torch.equal(got, want)
+            if path == "doorbell":  # both sides were polling: not one message on the socket
+                assert len(sends) == before
+            paths.add(path)
+        assert all(p.startswith("doorbell") for p in paths), paths
+
+
+def count_sends(client) -> list:
+    """Every message the client puts on its socket, from now on."""
+    log, sock = [], client._socket
+    for name in ("send", "send_multipart"):
+        original = getattr(sock, name)
+        setattr(sock, name, lambda *a, _send=original, **kw: (log.append(a), _send(*a, **kw))[1])
+    return log
+
+
+def test_a_sleeping_server_is_rung_over_the_socket(tiny_server):
+    """After its polling window the server sleeps on its socket; the next request rings it."""
+    x = torch.randn(2, HIDDEN)
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
+        want, _ = product(client, x)
+        time.sleep(0.3)  # longer than any polling window (2 ms at most)
+        got, path = product(client, x)
+        assert path.startswith("doorbell-ring") and torch.equal(got, want)
+
+
+def test_a_sleeping_client_gets_its_reply_on_the_socket(tiny_server):
+    """A product slower than the client's polling window: it sleeps, the server sends the reply."""
+    x = torch.randn(2, HIDDEN)
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
+        want, _ = product(client, x)
+        os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # the server stalls longer than the window...
+        timer = threading.Timer(0.2, os.kill, (tiny_server.proc.pid, signal.SIGCONT))
+        timer.start()
+        got, path = product(client, x)  # ...and answers after the client went to sleep
+        timer.join()
+        assert path.endswith("-slept") and torch.equal(got, want)
+
+
+class DrowsyServer(LinearServer):
+    """A real server that dawdles between announcing sleep and looking at the doorbells again:
+    the window in which a client may post while reading the server as awake or asleep."""
+
+    def _announce(self, state: int) -> None:
+        super()._announce(state)
+        if state == ASLEEP:
+            time.sleep(0.02)
+
+
+@pytest.fixture()
+def drowsy_server(tiny_model_dir):
+    server = DrowsyServer(load_weights(str(tiny_model_dir)), torch.device("cpu"), WIRE_DTYPES["float32"])
+    sock = ServerSocket("tcp://127.0.0.1:*")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(sock, stop), kwargs={"spin_max_us": 200}, daemon=True)
+    thread.start()
+    yield sock.bound_url
+    stop.set()
+    thread.join(5)
+    sock.close()
+
+
+def test_posting_in_the_race_window_is_never_lost(drowsy_server):
+    """Requests at every phase of the server's falling asleep complete with the right product,
+    well inside their deadline (a lost wake-up would wait the whole 5 s)."""
+    x = torch.randn(2, HIDDEN)
+    with RpcClient(drowsy_server, 5_000) as plain, RpcClient(drowsy_server, 5_000, data_plane="shm") as bell:
+        want, _ = product(plain, x)
+        paths = set()
+        for i in range(40):
+            time.sleep(0.0005 * (i % 10))  # land anywhere in the 20 ms window, before and after it
+            start = time.monotonic()
+            got, path = product(bell, x)
+            assert torch.equal(got, want) and time.monotonic() - start < 1.0
+            paths.add(path)
+        assert any(p.startswith("doorbell-ring") for p in paths), paths  # some landed while it slept
+
+
+def test_several_clients_each_with_a_doorbell(tiny_server):
+    xs = [torch.randn(2, HIDDEN) for _ in range(3)]
+    with RpcClient(tiny_server.endpoint, 5_000) as plain:
+        wants = [product(plain, x)[0] for x in xs]
+    clients = [RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") for _ in xs]
+    try:
+        for _ in range(10):
+            for client, x, want in zip(clients, xs, wants):
+                assert torch.equal(product(client, x)[0], want)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_server_killed_while_polling_is_noticed_within_the_deadline(tiny_server):
+    with RpcClient(tiny_server.endpoint, 1_500, data_plane="shm") as client:
+        product(client, torch.randn(1, HIDDEN))
+        os.kill(tiny_server.proc.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable):
+            product(client, torch.randn(1, HIDDEN))
+        assert time.monotonic() - start < 3.0
+
+
+SPINNING_CLIENT = """
+import sys, torch
+from teegpu.protocol import Op
+from teegpu.transport import RpcClient
+client = RpcClient(sys.argv[1], 5_000, data_plane="shm")
+print("ready", flush=True)
+while True:
+    client.call(Op.QKV, 0, [torch.randn(1, 64)])
+"""
+
+
+def test_client_killed_while_polling_leaves_the_server_serving(tiny_server):
+    proc = subprocess.Popen([sys.executable, "-c", SPINNING_CLIENT, tiny_server.endpoint], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
+        for _ in range(5):
+            assert product(client, torch.randn(2, HIDDEN))[0].shape == (2, 128)
+
+
+def test_idle_server_with_a_silent_client_costs_no_cpu(tiny_model_dir):
+    config = ServerConfig(model=str(tiny_model_dir), endpoint="tcp://127.0.0.1:*")
+    with ServerProcess(config) as server, RpcClient(server.wait_ready(), 5_000, data_plane="shm") as client:
+        for _ in range(50):  # traffic first, so that the server's polling window is at its widest
+            product(client, torch.randn(1, HIDDEN))
+        proc = psutil.Process(server.proc.pid)
+        before, start = sum(proc.cpu_times()[:2]), time.monotonic()
+        time.sleep(5)
+        used = sum(proc.cpu_times()[:2]) - before
+        assert used / (time.monotonic() - start) < 0.02, f"{used:.3f} s of CPU in 5 s idle"
