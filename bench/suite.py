@@ -400,8 +400,8 @@ def main(argv=None) -> None:
         if d not in WIRE_DTYPES:
             p.error(f"dtype {d!r}: choose from {tuple(WIRE_DTYPES)}")
     for plane in args.planes.split(","):
-        if plane not in ("tcp", "ipc", "shm"):
-            p.error(f"plane {plane!r}: choose from tcp, ipc, shm")
+        if plane not in PLANES:
+            p.error(f"plane {plane!r}: choose from {', '.join(PLANES)}")
     if args.tokens < 1 or args.repeats < 1:
         p.error("--tokens and --repeats must be at least 1")
     res = measure(args.model, args.tokens, [int(n) for n in args.prefill.split(",")], args.repeats,
