@@ -1,9 +1,14 @@
 """`python -m bench`: the side-by-side benchmark (bench/suite.py); `python -m bench serve`: many
-users through the HTTP API (bench/serve.py)."""
+users through the HTTP API (bench/serve.py); `python -m bench soak`: clients under server
+faults (bench/soak.py)."""
 import sys
 
 if sys.argv[1:2] == ["serve"]:
     from bench.serve import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["soak"]:
+    from bench.soak import main
 
     main(sys.argv[2:])
 else:

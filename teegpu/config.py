@@ -80,7 +80,8 @@ class EngineConfig:
     """The trusted engine: which model, which server, how products are protected."""
 
     model: str | None = option(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
-    server: str | None = option(None, "endpoint of a running server (default: start a private one)")
+    server: str | None = option(None, "endpoint of a running server, or several, comma-separated: a pool used "
+                                "one at a time, failing over (default: start a private one)")
     local: bool = option(False, "TEE-only baseline: no server, compute everything here")
     # dtype of the products, on the wire and of the trusted side's activations (as transformers
     # runs a model in that dtype); with `server`, the server's dtype decides

@@ -28,7 +28,7 @@ import torch
 from teegpu.errors import HandshakeError, ProtocolError
 from teegpu.options import DTYPES
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: the envelope (routing frames, an empty delimiter, then the header)
 MAX_TENSORS = 4
 MAX_DIMS = 4
 MAX_ROWS = 1 << 16  # largest token count one request may carry

@@ -14,7 +14,7 @@ def wire_words(engine, x: torch.Tensor) -> torch.Tensor:
     sent, send = [], engine.client._socket.send_multipart
 
     def spy(frames, **kw):
-        sent.append(bytes(memoryview(frames[1])))
+        sent.append(bytes(memoryview(frames[-1])))  # [delimiter, header, the padded tensor]
         return send(frames, **kw)
 
     engine.client._socket.send_multipart = spy

@@ -47,6 +47,7 @@ def test_synthetic_log_gives_exact_statistics(tmp_path):
     assert (qkv["calls"], qkv["mean_ms"], qkv["p50_ms"], qkv["p95_ms"], qkv["max_ms"]) == (5, 5.0, 5.0, 9.0, 9.0)
     assert rep["per_phase"]["prefill"]["calls"] == 2
     assert [r["seq"] for r in rep["slowest"]] == [10, 9, 8]
+    assert rep["retries"] == 0 and rep["per_path"] == {"tcp": 10}
     assert any("tcp" in f for f in rep["findings"])  # all messages < 1 KB over tcp
     assert any("per-call overhead" in f for f in rep["findings"])
 
@@ -143,6 +144,17 @@ def test_unknown_schema_version_is_refused(tmp_path):
 def test_missing_file_is_named(tmp_path):
     out = run_analyze(tmp_path / "missing.jsonl")
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_retries_and_paths_are_counted(tmp_path):
+    recs = [synthetic_record(i + 1, "QKV", "decode", i, 1.0, 0.5, 10, 10) for i in range(4)]
+    recs[1].update(tries=3, path="doorbell-ring")
+    recs[2].update(tries=2, path="doorbell")
+    write_log(tmp_path / "log.jsonl", recs)
+    rep = analyze(read_log(tmp_path / "log.jsonl"))
+    assert rep["retries"] == 3 and rep["per_path"] == {"doorbell": 1, "doorbell-ring": 1, "tcp": 2}
+    out = run_analyze(tmp_path / "log.jsonl")
+    assert "retries 3" in out.stdout and "doorbell-ring 1" in out.stdout
 
 
 def test_schema_1_logs_still_read(tmp_path):

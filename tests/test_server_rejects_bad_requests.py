@@ -86,3 +86,11 @@ def test_stalled_server_raises_and_stale_reply_is_dropped(tiny_server):
     y = client.call(Op.QKV, 0, [x]).tensors[0]
     assert y.shape == (1, 128)
     client.close()
+
+
+def test_a_protocol_2_peer_is_told_the_versions(tiny_server):
+    """Protocol 2 had no envelope delimiter: such a peer gets, in its own framing, an error that
+    names both versions."""
+    old = struct.pack("<H", 2) + HEADER[2:]
+    error = raw_error(tiny_server.endpoint, [old, tensor_frame(X)], delimiter=False)
+    assert error.code == ErrorCode.BAD_VERSION and "protocol version 2, this side speaks 3" in str(error)

@@ -49,7 +49,7 @@ def test_tensors_bypass_the_socket_and_results_match(tiny_server):
         reply = shm.call(Op.QKV, 1, [x])
         head, got = reply.header, reply.tensors[0]
         assert head.flags & FLAG_SHM and torch.equal(got, want) and got.shape == (3, QKV_OUT)
-        assert log[-1] == [HEADER_BASE_BYTES + 18]  # the header with one tensor descriptor, nothing else
+        assert log[-1] == [0, HEADER_BASE_BYTES + 18]  # the delimiter and the header with one tensor descriptor
         assert reply.sent >= x.numel() * 4  # the tensor bytes are still counted
         # ... whose name is gone once the server has mapped it: a killed client leaves nothing behind
         assert not os.path.exists(path)

@@ -49,6 +49,10 @@ class TamperingProxy:
                 self.front.send_multipart([client, *self.rewrite(reply)])
 
     def rewrite(self, reply):
+        """The reply after the envelope's delimiter, rewritten; the delimiter kept."""
+        return [b"", *self._rewrite(reply[1:])]
+
+    def _rewrite(self, reply):
         head = decode_header(reply[0])
         if head.op not in [int(o) for o in LINEAR_OPS] + [int(Op.LM_HEAD)]:
             return reply

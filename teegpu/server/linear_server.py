@@ -20,7 +20,7 @@ from teegpu.protocol import (
 )
 from teegpu.ring import RingWeight, quantize_linears, ring_fingerprint, ring_matmul
 from teegpu.options import DEFAULT_SPIN_MAX_US
-from teegpu.transport import ServerCurve, ServerSocket, ShmRegion
+from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
@@ -57,7 +57,8 @@ class LinearServer:
         self.device, self.dtype = device, dtype
         self.shapes = {key: tuple(w.shape) for key, w in weights.served().items()}  # (d_out, d_in)
         self.requests = 0
-        self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by client socket identity
+        self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by the client's envelope (Incoming.key)
+        self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks
         self.handled: dict[bytes, int] = {}  # by client: the last doorbell sequence number answered
         self.doorbell = doorbell  # poll the attached regions' doorbells
 
@@ -66,20 +67,20 @@ class LinearServer:
                      dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), privacy=self.privacy,
                      ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict())
 
-    def handle(self, identity: bytes, header: bytes | memoryview, frames) -> tuple[bytes, list] | None:
+    def handle(self, msg: Incoming) -> tuple[bytes, list] | None:
         """Answer one request (None for RING, which only wakes us); raise ProtocolError for anything malformed."""
         received_ns = time.perf_counter_ns()
-        head = decode_header(header)
+        head, frames = decode_header(msg.header), msg.frames
         if head.op not in Op._value2member_map_:
             raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown op {head.op}")
         op = Op(head.op)
         if op == Op.HELLO:
             return encode_header(op, head.request_id, head.layer), [self.hello().to_bytes()]
         if op == Op.ATTACH_SHM:
-            return self._attach(identity, head, frames)
+            return self._attach(msg, head)
         if op == Op.RING:
             return None
-        region, inputs, request_end = self._inputs(identity, head, frames)
+        region, inputs, request_end = self._inputs(msg.key, head, frames)
         if op == Op.SINK:
             if len(inputs) != 1:
                 raise ProtocolError(ErrorCode.BAD_FRAMES, f"SINK takes 1 tensor, got {len(inputs)}")
@@ -116,24 +117,26 @@ class LinearServer:
                                 f"region of {region.size}")
         return region, [region.tensor(off, d.dtype, d.shape) for d, off in zip(head.tensors, offsets)], request_end
 
-    def _attach(self, identity: bytes, head, frames) -> tuple[bytes, list]:
+    def _attach(self, msg: Incoming, head) -> tuple[bytes, list]:
         if not self.allow_shm:
             raise ProtocolError(ErrorCode.BAD_SHM, "this server was started with --data-plane socket")
-        if len(frames) != 1 or head.tensors:
+        if len(msg.frames) != 1 or head.tensors:
             raise ProtocolError(ErrorCode.BAD_FRAMES, "ATTACH_SHM takes one frame: the region's name")
         try:
-            name = bytes(frames[0].buffer).decode("ascii")
+            name = bytes(msg.frames[0]).decode("ascii")
         except UnicodeDecodeError as e:
             raise ProtocolError(ErrorCode.BAD_SHM, f"region name is not ASCII: {e}") from e
         region = ShmRegion.attach(name)
-        old = self.regions.pop(identity, None)
+        key = msg.key
+        old = self.regions.pop(key, None)
         if old is not None:
             old.close()
-        self.regions[identity] = region
-        self.handled[identity] = 0  # a fresh region: its first request will be number 1
+        self.regions[key], self.peers[key] = region, Incoming(msg.envelope, b"", [])
+        self.handled[key] = 0  # a fresh region: its first request will be number 1
         while len(self.regions) > MAX_REGIONS:  # clients that went away without a word
             gone, old = self.regions.popitem(last=False)
             self.handled.pop(gone, None)
+            self.peers.pop(gone, None)
             old.close()
         answer = ATTACHED + DOORBELL if self.doorbell else ATTACHED
         return encode_header(Op.ATTACH_SHM, head.request_id, head.layer), [answer]
@@ -230,44 +233,43 @@ class LinearServer:
 
     def _serve_socket(self, sock: ServerSocket, timeout_ms: int, spin_us: int = 0) -> bool:
         msg = sock.recv(timeout_ms, spin_us)
-        if msg is None or len(msg) < 2:
-            return False  # a ROUTER always prepends the identity; nothing to answer otherwise
-        identity, header, frames = msg[0], msg[1], msg[2:]
+        if msg is None:
+            return False
         self.requests += 1
-        reply = self._answer(sock, identity.bytes, header.buffer, frames)
+        reply = self._answer(sock, msg)
         if reply is not None:
-            sock.reply(identity, *reply)
+            sock.reply(msg, *reply)
         return True
 
-    def _answer(self, sock: ServerSocket, identity: bytes, header, frames) -> tuple[bytes, list] | None:
+    def _answer(self, sock: ServerSocket, msg: Incoming) -> tuple[bytes, list] | None:
         """handle(), with every failure turned into an error reply sent at once."""
         try:
-            return self.handle(identity, header, frames)
+            return self.handle(msg)
         except ProtocolError as e:
-            sock.reply_error(identity, header, e.code, str(e))
+            sock.reply_error(msg, msg.header, e.code, str(e))
         except Exception as e:  # never let one request take the server down
-            sock.reply_error(identity, header, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+            sock.reply_error(msg, msg.header, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
         return None
 
     def _serve_doorbells(self, sock: ServerSocket) -> bool:
         """Answer every request waiting in a doorbell; whether there was one."""
         served = False
-        for identity, region in list(self.regions.items()):
-            seq = region.doorbell.pending(self.handled.get(identity, 0)) if self.doorbell else 0
+        for key, region in list(self.regions.items()):
+            seq = region.doorbell.pending(self.handled.get(key, 0)) if self.doorbell else 0
             if not seq:
                 continue
-            served, self.handled[identity] = True, seq
+            served, self.handled[key] = True, seq
             self.requests += 1
             try:
-                header = region.doorbell.request_header()
+                msg = Incoming(self.peers[key].envelope, region.doorbell.request_header(), [])
             except ProtocolError as e:
-                sock.reply_error(identity, b"", e.code, str(e))
+                sock.reply_error(self.peers[key], b"", e.code, str(e))
                 continue
-            reply = self._answer(sock, identity, header, [])
+            reply = self._answer(sock, msg)
             if reply is None:
                 continue
             if reply[1] or not region.doorbell.answer(seq, reply[0]):
-                sock.reply(identity, *reply)  # too large for the region, or the client sleeps on its socket
+                sock.reply(msg, *reply)  # too large for the region, or the client sleeps on its socket
         return served
 
 

@@ -14,6 +14,6 @@ def under_gramine() -> bool:
 
 def check_endpoint_reachable(url: str) -> None:
     """Refuse ipc:// inside Gramine: its unix sockets stay inside the enclave and never reach the host."""
-    if url.startswith("ipc://") and under_gramine():
+    if "ipc://" in url and under_gramine():
         raise ConfigError(f"{url}: inside Gramine, ipc:// sockets stay in the enclave and cannot reach the GPU "
                           "server on the host; use tcp://HOST:PORT (add --data-plane shm for /dev/shm)")

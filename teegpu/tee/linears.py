@@ -73,7 +73,8 @@ class RemoteLinears:
         if self.verifier is not None:
             self.verifier.check(op, layer, list(inputs), out)
         self.telemetry.record(op.name, layer, (*reply.stamps[:5], time.perf_counter_ns()), reply.header.compute_ns,
-                              reply.header.overhead_ns, reply.sent, reply.received, reply.path)
+                              reply.header.overhead_ns, reply.sent, reply.received, reply.path,
+                              reply.tries)
         return out
 
     def stats(self) -> dict:
@@ -130,7 +131,12 @@ class OtpLinears(RemoteLinears):
 
 def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> Hello:
     """Check the server's protocol version, privacy mode, and that it serves exactly our weights."""
-    hello = Hello.from_bytes(client.call(Op.HELLO, 0).payload)
+    return check_server(Hello.from_bytes(client.call(Op.HELLO, 0).payload), weights, privacy)
+
+
+def check_server(hello: Hello, weights: ModelWeights, privacy: str, ring_fingerprint: str | None = None) -> Hello:
+    """Refuse a server (HandshakeError) that serves other weights, another privacy mode, or in otp
+    mode other integer weights than `ring_fingerprint`."""
     if hello.fingerprint != weights.fingerprint:
         raise HandshakeError(
             f"server serves weights with fingerprint {str(hello.fingerprint)[:16]}..., this client loaded "
@@ -141,16 +147,30 @@ def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") 
                              f"(start it with --privacy {privacy})")
     if privacy == "plain" and hello.dtype not in WIRE_DTYPES:
         raise HandshakeError(f"server announces unsupported dtype {hello.dtype!r}")
+    if ring_fingerprint is not None and hello.ring_fingerprint != ring_fingerprint:
+        raise HandshakeError("server's integer weights differ from this client's (another quantization?)")
     return hello
 
 
 def open_linears(client: RpcClient, weights: ModelWeights, hello: Hello, privacy: str, verify: bool,
                  pool_rows: int = DEFAULT_MASK_POOL_ROWS) -> RemoteLinears:
-    """The linears for a server that passed `handshake`; in otp mode also compare the integer weights."""
+    """The linears for a server that passed `handshake`; in otp mode also compare the integer weights.
+    Every server the client reconnects to later (a retry, a failover) passes the same checks, and
+    in plain mode must serve the same dtype."""
     if privacy == "plain":
-        return RemoteLinears(client, weights, WIRE_DTYPES[hello.dtype], verify=verify)
+        linears = RemoteLinears(client, weights, WIRE_DTYPES[hello.dtype], verify=verify)
+        client.on_connect = lambda other: same_dtype(check_server(other, weights, privacy), hello)
+        return linears
     linears = OtpLinears(client, weights, verify=verify, pool_rows=pool_rows)
-    if hello.ring_fingerprint != linears.ring_fingerprint:
+    try:
+        check_server(hello, weights, privacy, linears.ring_fingerprint)
+    except HandshakeError:
         linears.close()
-        raise HandshakeError("server's integer weights differ from this client's (another quantization?)")
+        raise
+    client.on_connect = lambda other: check_server(other, weights, privacy, linears.ring_fingerprint)
     return linears
+
+
+def same_dtype(hello: Hello, first: Hello) -> None:
+    if hello.dtype != first.dtype:
+        raise HandshakeError(f"server serves {hello.dtype}, the pool's first server {first.dtype}")

@@ -117,6 +117,7 @@ def analyze(data: RpcLogData, top: int = 5) -> dict:
         "effective_mb_s": moved / 1e6 / (total / 1e3) if total else 0.0,
         "per_op": {op: _group_stats(rs) for op, rs in sorted(by_op.items())},
         "per_phase": {ph: _group_stats(rs) for ph, rs in sorted(by_phase.items())},
+        "retries": sum(r.get("tries", 1) - 1 for r in recs),
         "per_path": dict(sorted(Counter(r.get("path", r.get("transport", "?")) for r in recs).items())),
         "slowest": sorted(recs, key=lambda r: -r["total_ms"])[:top],
         "largest": sorted(recs, key=lambda r: -(r["bytes_sent"] + r["bytes_received"]))[:top],
@@ -177,7 +178,8 @@ def format_report(rep: dict) -> str:
              f"forward passes {rep['forward_passes']}  calls/token {rep['calls_per_token']:.1f}",
              f"bytes moved {rep['bytes_moved'] / 1e6:.2f} MB  effective {rep['effective_mb_s']:.1f} MB/s",
              "time share: " + "  ".join(f"{k.removesuffix('_ms')} {v:.1%}" for k, v in rep["shares"].items()),
-             "paths: " + "  ".join(f"{path} {n}" for path, n in rep["per_path"].items()),
+             "paths: " + "  ".join(f"{path} {n}" for path, n in rep["per_path"].items())
+             + f"  retries {rep['retries']}",
              "", f"{'per op':<14}{'calls':>7}{'mean ms':>10}{'p50':>9}{'p95':>9}{'max':>9}{'MB':>9}"]
     for title, table in (("per op", rep["per_op"]), ("per phase", rep["per_phase"])):
         if title == "per phase":

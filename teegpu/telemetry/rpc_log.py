@@ -18,7 +18,7 @@ SCHEMA_VERSION = 2  # 2: server_queue_ms renamed server_overhead_ms (the analyze
 COMPONENTS = ("serialize_ms", "send_ms", "wait_ms", "recv_ms", "deserialize_ms")
 SERVER_COMPONENTS = ("server_compute_ms", "server_overhead_ms")
 
-_LINE = ('{"seq":%d,"op":"%s","layer":%d,"phase":"%s","token":%d,"transport":"%s","path":"%s","start_ms":%.4f,'
+_LINE = ('{"seq":%d,"op":"%s","layer":%d,"phase":"%s","token":%d,"transport":"%s","path":"%s","tries":%d,"start_ms":%.4f,'
          '"serialize_ms":%.4f,"send_ms":%.4f,"wait_ms":%.4f,"server_compute_ms":%.4f,"server_overhead_ms":%.4f,'
          '"recv_ms":%.4f,"deserialize_ms":%.4f,"total_ms":%.4f,"bytes_sent":%d,"bytes_received":%d,'
          '"throughput_mb_s":%.3f}\n')
@@ -48,9 +48,9 @@ class RpcTelemetry:
         self._file.flush()
 
     def record(self, op: str, layer: int, stamps: tuple[int, ...], compute_ns: int, overhead_ns: int,
-               sent: int, received: int, path: str = "socket") -> None:
+               sent: int, received: int, path: str = "socket", tries: int = 1) -> None:
         """stamps: perf_counter_ns at start, serialized, sent, reply ready, received, deserialized;
-        path: how the call travelled (RpcClient's Reply.path)."""
+        path: how the call travelled (RpcClient's Reply.path); tries: 2 and more when it was sent again."""
         t0, t1, t2, t3, t4, t5 = stamps
         ser, snd, wait, rcv, des = (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t3 - t2) / 1e6, (t4 - t3) / 1e6, (t5 - t4) / 1e6
         total = (t5 - t0) / 1e6
@@ -69,7 +69,7 @@ class RpcTelemetry:
         self.bytes_received += received
         if self._file is not None:
             mb_s = (sent + received) / 1e6 / (total / 1e3) if total > 0 else 0.0
-            self._file.write(_LINE % (self.calls, op, layer, self.phase, self.token, self.transport, path,
+            self._file.write(_LINE % (self.calls, op, layer, self.phase, self.token, self.transport, path, tries,
                                       (t0 - self._t0_ns) / 1e6, ser, snd, wait, comp, overhead, rcv, des, total,
                                       sent, received, mb_s))
 

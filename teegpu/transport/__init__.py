@@ -2,8 +2,8 @@
 from teegpu.transport.curve import ClientCurve, ServerCurve, generate_keys
 from teegpu.transport.endpoint import Endpoint, parse_endpoint, private_endpoint, same_host_reason
 from teegpu.transport.rpc_client import Reply, RpcClient, RpcStats
-from teegpu.transport.rpc_server import ServerSocket
+from teegpu.transport.rpc_server import Incoming, ServerSocket
 from teegpu.transport.shm_region import ShmRegion
 
 __all__ = ["ClientCurve", "ServerCurve", "generate_keys", "Endpoint", "parse_endpoint", "private_endpoint",
-           "same_host_reason", "Reply", "RpcClient", "RpcStats", "ServerSocket", "ShmRegion"]
+           "same_host_reason", "Reply", "RpcClient", "RpcStats", "Incoming", "ServerSocket", "ShmRegion"]

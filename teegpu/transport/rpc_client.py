@@ -14,22 +14,25 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import zmq
 
-from teegpu.errors import ConfigError, ProtocolError, ServerError, ServerUnavailable
+from teegpu.errors import ConfigError, HandshakeError, ProtocolError, ServerError, ServerUnavailable
 from teegpu.options import CONTROL_PLANES, DATA_PLANES, DEFAULT_TIMEOUT_MS
 from teegpu.protocol import (
-    ATTACHED, DOORBELL, FLAG_SHM, ErrorCode, Header, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
+    ATTACHED, DOORBELL, FLAG_SHM, ErrorCode, Header, Hello, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
     tensor_frame, tensors_from_frames,
 )
 from teegpu.transport.curve import ClientCurve
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
-from teegpu.transport.endpoint import parse_endpoint, same_host_reason
+from teegpu.transport.endpoint import Endpoint, parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
 TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM)  # answered with one UTF-8 / JSON frame instead of tensors
+NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING)  # part of (re)connecting, not requests to ask again
+TRIES = 3  # a request's deadline is shared by up to this many tries (more when tries fail fast)
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
 
 
@@ -40,9 +43,12 @@ class RpcStats:
     calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    retries: int = 0  # requests sent again after a timeout or a lost server
+    failovers: int = 0  # times the client moved to another server of its pool
 
     def as_dict(self) -> dict:
-        return {"calls": self.calls, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+        return {"calls": self.calls, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "retries": self.retries, "failovers": self.failovers}
 
 
 @dataclass(slots=True)
@@ -58,6 +64,7 @@ class Reply:
     sent: int
     received: int
     path: str = "socket"  # socket, shm, doorbell, doorbell-ring (woke the server), ...-slept (reply by socket)
+    tries: int = 1  # 2 and more: the request was sent again on a fresh socket (maybe another server)
 
 
 @dataclass(slots=True)
@@ -69,9 +76,12 @@ class _Request:
 
 
 class RpcClient:
-    def __init__(self, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS, context: zmq.Context | None = None,
-                 data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES, curve: ClientCurve | None = None,
-                 control_plane: str = "doorbell"):
+    def __init__(self, endpoint: str | list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                 context: zmq.Context | None = None, data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES,
+                 curve: ClientCurve | None = None, control_plane: str = "doorbell"):
+        """`endpoint`: one server, or a pool (a list, or comma-separated): one is used at a time,
+        the next when it stops answering; `on_connect(hello)` (set by the engine) checks each
+        server the client connects to before any request is sent again."""
         if timeout_ms <= 0:
             raise ConfigError(f"timeout_ms must be positive, got {timeout_ms}")
         if data_plane not in DATA_PLANES:
@@ -81,8 +91,12 @@ class RpcClient:
         self.want_doorbell = control_plane == "doorbell"
         self.doorbell = False  # the server polls our region's doorbell (said in its ATTACH_SHM reply)
         self.spin_ns: dict[tuple, float] = {}  # per (op, request bytes): how long to poll for a reply
-        self.endpoint = parse_endpoint(endpoint)
+        self.endpoints = [parse_endpoint(e.strip()) for e in
+                          (endpoint.split(",") if isinstance(endpoint, str) else endpoint)]
+        self._current = 0
+        self.on_connect: Callable[[Hello], None] | None = None
         self.timeout_ms = timeout_ms
+        self.shm_bytes = shm_bytes
         self.curve = curve
         self.stats = RpcStats()
         self._ctx = context or zmq.Context.instance()
@@ -99,6 +113,11 @@ class RpcClient:
         self._open()
 
     @property
+    def endpoint(self) -> Endpoint:
+        """The server in use."""
+        return self.endpoints[self._current]
+
+    @property
     def data_plane(self) -> str:
         return "shm" if self.shm is not None else "socket"
 
@@ -113,14 +132,21 @@ class RpcClient:
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
             self.curve.apply(sock)
+        # a lost connection (the server died) ends the wait for its reply at once, not at the deadline
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint.url)
         self._socket = sock
         self._attached = False  # the server knows regions by socket identity
 
     def _close_socket(self) -> None:
         if self._socket is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
             self._socket.close(linger=0)
             self._socket = None
+
+    def _connection_lost(self) -> bool:
+        return bool(self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def close(self) -> None:
         self._close_socket()
@@ -134,7 +160,7 @@ class RpcClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _attach(self) -> None:
+    def _attach(self, deadline: float) -> None:
         """Tell the server the name of our region, then remove the name (both keep their mapping);
         fall back to sockets if it cannot map it. After a reconnect, a fresh region."""
         self._attached = True
@@ -143,7 +169,7 @@ class RpcClient:
             self.shm.close()
             self.shm = ShmRegion.create(size)
         try:
-            answer = self.call(Op.ATTACH_SHM, 0, payload=self.shm.name.encode()).payload
+            answer = self._call_once(Op.ATTACH_SHM, 0, (), None, self.shm.name.encode(), None, deadline).payload
         except ServerError as e:
             if e.code not in (ErrorCode.BAD_SHM, ErrorCode.UNKNOWN_METHOD):
                 raise
@@ -157,17 +183,69 @@ class RpcClient:
         """Send one request and wait for the reply that matches its id; raise ServerError for an
         error reply, ServerUnavailable when the deadline passes. Tensors are sent as `dtype` when
         given (the conversion is part of the copy into the message); `payload` is the one text
-        frame of ATTACH_SHM; `timeout_ms` shortens the deadline of this one call (a health probe)."""
-        t0 = started_ns or time.perf_counter_ns()
+        frame of ATTACH_SHM; `timeout_ms` shortens the deadline of this one call (a health probe,
+        which is not retried).
+
+        The server keeps no state between requests, so a product that times out or whose server
+        is lost is asked again (the zguide's Lazy Pirate): each try gets a third of the deadline,
+        the socket is reopened (on the next server of the pool, if any), the server is checked
+        by `on_connect`, and the same request is sent again, all within the one deadline."""
         deadline = time.monotonic() + (timeout_ms or self.timeout_ms) / 1000
+        retry = timeout_ms is None and op not in NOT_RETRIED
+        tries = 0
+        while True:
+            tries += 1
+            try_deadline = min(deadline, time.monotonic() + self.timeout_ms / 1000 / TRIES) if retry else deadline
+            try:
+                reply = self._call_once(op, layer, tensors, dtype, payload, started_ns, try_deadline)
+                reply.tries = tries
+                return reply
+            except ServerUnavailable as e:
+                if not retry or time.monotonic() >= deadline:
+                    raise ServerUnavailable(f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} "
+                                            f"ms ({tries} {'try' if tries == 1 else 'tries'}; {e})") from None
+                self.stats.retries += 1
+                self._reconnect(deadline)
+
+    def _reconnect(self, deadline: float) -> None:
+        """A fresh socket, on the next server of the pool, that passes `on_connect`'s check; servers
+        that are down or refused are skipped until one answers or the deadline passes."""
+        refused = None
+        while time.monotonic() < deadline:
+            self._switch((self._current + 1) % len(self.endpoints))
+            try:
+                try_deadline = min(deadline, time.monotonic() + self.timeout_ms / 1000 / TRIES)
+                hello = Hello.from_bytes(self._call_once(Op.HELLO, 0, (), None, None, None, try_deadline).payload)
+                if self.on_connect is not None:
+                    self.on_connect(hello)
+                return
+            except HandshakeError as e:
+                refused = e
+                print(f"teegpu: server {self.endpoint.url} refused: {e}", file=sys.stderr, flush=True)
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            except ServerUnavailable:
+                pass
+        if refused is not None:
+            raise refused
+
+    def _switch(self, index: int) -> None:
+        """Reopen the socket on endpoints[index]; its region (if any) is attached afresh."""
+        if index != self._current:
+            self.stats.failovers += 1
+        self._current = index
+        self._close_socket()
+        self._open()
+
+    def _call_once(self, op: int, layer: int, tensors, dtype, payload, started_ns, deadline: float) -> Reply:
+        t0 = started_ns or time.perf_counter_ns()
         if self.shm is not None and not self._attached and op != Op.ATTACH_SHM:
-            self._attach()
+            self._attach(deadline)
         request = self._pack(op, layer, tensors, dtype, payload)
         t1 = time.perf_counter_ns()
         if self.doorbell and request.request_end:
             path, frames, t2, t3 = self._ring(request, op, deadline)
         else:
-            self._socket.send_multipart(request.frames, copy=False)
+            self._socket.send_multipart([b"", *request.frames], copy=False)
             t2 = time.perf_counter_ns()
             path, (frames, t3) = self.data_plane, self._receive(request.rid, op, deadline)
         t4 = time.perf_counter_ns()
@@ -193,7 +271,7 @@ class RpcClient:
         bell.set_client(AWAKE if window <= MAX_SPIN_NS else ASLEEP)
         seq = bell.post(request.frames[0])
         if not bell.server_awake():
-            self._socket.send(encode_header(Op.RING, request.rid, 0))
+            self._socket.send_multipart([b"", encode_header(Op.RING, request.rid, 0)])
             path = "doorbell-ring"
         sent = time.perf_counter_ns()
         spin_end = sent + (window if window <= MAX_SPIN_NS else 0)
@@ -201,10 +279,10 @@ class RpcClient:
             if bell.replied(seq):
                 return path, [bell.reply_header()], sent, self._learn(kind, sent)
             if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                reply = self._socket.recv_multipart(copy=False)
-                if decode_header(reply[0].buffer).request_id == request.rid:
-                    return path, [f.buffer for f in reply], sent, self._learn(kind, sent)
-            if time.perf_counter_ns() > spin_end:
+                reply = self._read_socket()
+                if reply and decode_header(reply[0]).request_id == request.rid:
+                    return path, reply, sent, self._learn(kind, sent)
+            if time.perf_counter_ns() > spin_end or self._connection_lost():
                 break
             relax()
         bell.set_client(ASLEEP)  # from now on the server sends the reply on the socket as well
@@ -240,7 +318,7 @@ class RpcClient:
             body = []
         else:
             body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
-        sent = len(head) + sum(memoryview(b).nbytes for b in body) + request_end
+        sent = len(head) + sum(memoryview(b).nbytes for b in body) + sum(d.nbytes for d in descs) * bool(request_end)
         return _Request(rid, [head, *body], request_end, sent)
 
     def _unpack(self, frames: list, request_end: int) -> tuple[Header, list, bytes]:
@@ -272,18 +350,26 @@ class RpcClient:
     def _receive(self, rid: int, op: int, deadline: float) -> tuple[list, int]:
         """The reply to request `rid` (its frames' buffers) and the perf_counter_ns at which it was
         ready to read; late replies to abandoned requests are dropped."""
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+            ready = dict(poller.poll(remaining_ms)) if remaining_ms > 0 else {}
+            if self._socket not in ready:
+                lost = self._monitor in ready
                 self._close_socket()  # the region stays: the next call attaches a fresh one
                 self._open()
                 hint = ("; with CURVE: is this client's public key in the server's allow list, and is the "
                         "pinned server key the server's?") if self.curve is not None else ""
-                raise ServerUnavailable(
-                    f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} ms "
-                    f"(server gone or stalled{hint})"
-                )
+                raise ServerUnavailable(f"{'connection lost: server gone' if lost else 'server gone or stalled'}{hint}")
             ready_ns = time.perf_counter_ns()
-            reply = self._socket.recv_multipart(copy=False)
-            if decode_header(reply[0].buffer).request_id == rid:
-                return [f.buffer for f in reply], ready_ns
+            reply = self._read_socket()
+            if reply and decode_header(reply[0]).request_id == rid:
+                return reply, ready_ns
+
+    def _read_socket(self) -> list:
+        """One message's frames after the envelope's empty delimiter (a broker may have added none
+        of its own: the DEALER's replies start at the delimiter)."""
+        frames = [f.buffer for f in self._socket.recv_multipart(copy=False)]
+        return frames[1:] if frames and frames[0].nbytes == 0 else frames

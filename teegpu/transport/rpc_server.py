@@ -1,13 +1,50 @@
-"""The server socket: a ROUTER that never lets a malformed message escape as a crash."""
+"""The server socket: a ROUTER that never lets a malformed message escape as a crash.
+
+Messages follow ZeroMQ's envelope convention (as REQ/REP do): every frame before the first
+empty one is routing (the ROUTER's identity of the peer, and one more per broker in between),
+then the empty delimiter, then the header and the tensor frames. Replies carry the envelope
+back, so a standard device (zmq.proxy(ROUTER, DEALER), a load-balancing broker) can sit
+between clients and servers unchanged.
+"""
 from __future__ import annotations
 
+import struct
 import time
+from dataclasses import dataclass
 
 import zmq
 
 from teegpu.protocol import encode_header, peek_ids
 from teegpu.transport.curve import ServerCurve
 from teegpu.transport.endpoint import parse_endpoint
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One received request: where it came from, its header and its tensor frames."""
+
+    envelope: list  # routing frames, as received
+    header: memoryview | bytes
+    frames: list
+    legacy: bool = False  # no delimiter: a peer of protocol 2, answered in its framing
+
+    @property
+    def key(self) -> bytes:
+        """The sender's identity across brokers (length-prefixed routing frames)."""
+        return b"".join(struct.pack("<H", len(f)) + bytes(f) for f in self.envelope)
+
+
+def split_envelope(msg: list) -> Incoming | None:
+    """[routing..., b"", header, *frames] as an Incoming; None for a message with no header."""
+    frames = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in msg]
+    for i, f in enumerate(frames):
+        if f.nbytes == 0:
+            if i == 0 or i + 1 >= len(frames):
+                return None
+            return Incoming(frames[:i], frames[i + 1], frames[i + 2:])
+    if len(frames) < 2:
+        return None
+    return Incoming(frames[:1], frames[1], frames[2:], legacy=True)
 
 
 class ServerSocket:
@@ -21,8 +58,8 @@ class ServerSocket:
         # tcp://host:0 or :* picks a free port; report the one actually bound
         self.bound_url = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def recv(self, timeout_ms: int, spin_us: int = 0) -> list | None:
-        """One request as [identity, header, *frames], or None after timeout_ms.
+    def recv(self, timeout_ms: int, spin_us: int = 0) -> Incoming | None:
+        """One request, or None after timeout_ms (or for a message without a header).
 
         With spin_us, first poll without sleeping for that long: a blocked thread's
         wake-up costs more than the gap between the requests of one decode step.
@@ -31,21 +68,21 @@ class ServerSocket:
             deadline = time.perf_counter_ns() + spin_us * 1000
             while time.perf_counter_ns() < deadline:
                 try:
-                    return self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    return split_envelope(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     pass
         if not self.socket.poll(timeout_ms, zmq.POLLIN):
             return None
-        return self.socket.recv_multipart(copy=False)
+        return split_envelope(self.socket.recv_multipart(copy=False))
 
-    def reply(self, identity, header: bytes, frames) -> None:
-        self.socket.send_multipart([identity, header, *frames], copy=False)
+    def reply(self, to: Incoming, header: bytes, frames) -> None:
+        delimiter = [] if to.legacy else [b""]
+        self.socket.send_multipart([*to.envelope, *delimiter, header, *frames], copy=False)
 
-    def reply_error(self, identity, raw_header, code: int, message: str) -> None:
+    def reply_error(self, to: Incoming, raw_header, code: int, message: str) -> None:
         """Answer with an error code and a message, echoing the request id when readable."""
-        rid, op, layer = peek_ids(raw_header.buffer if hasattr(raw_header, "buffer") else raw_header)
-        header = encode_header(op, rid, layer, (), status=code)
-        self.socket.send_multipart([identity, header, message.encode("utf-8")])
+        rid, op, layer = peek_ids(raw_header)
+        self.reply(to, encode_header(op, rid, layer, (), status=code), [message.encode("utf-8")])
 
     def close(self) -> None:
         self.socket.close(linger=0)
