@@ -24,9 +24,12 @@ def option(default, help: str, **argparse_kw):
     return field(default=default, metadata={"help": help, **argparse_kw})
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} {value!r}: choose one of {tuple(choices)}")
+def _check_choices(config) -> None:
+    """Every field declared with choices (in its option metadata) holds one of them."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{f.name.replace('_', ' ')} {value!r}: choose one of {tuple(choices)}")
 
 
 def _check_min(name: str, value, low) -> None:
@@ -63,11 +66,7 @@ class ServerConfig:
     def __post_init__(self):
         if (self.curve_secret is None) != (self.curve_allow is None):
             raise ConfigError("CURVE needs both the server's secret key and the client allow list")
-        _check_choice("privacy", self.privacy, PRIVACY_MODES)
-        _check_choice("data plane", self.data_plane, DATA_PLANES)
-        _check_choice("control plane", self.control_plane, CONTROL_PLANES)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choices(self)
         _check_min("busy_poll_us", self.busy_poll_us, 0)
         _check_min("spin_max_us", self.spin_max_us, 0)
 
@@ -108,11 +107,7 @@ class EngineConfig:
 
     def __post_init__(self):
         _check_min("timeout_ms", self.timeout_ms, 1)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("data plane", self.data_plane, DATA_PLANES)
-        _check_choice("control plane", self.control_plane, CONTROL_PLANES)
-        _check_choice("privacy", self.privacy, PRIVACY_MODES)
+        _check_choices(self)
         _check_min("mask_pool_rows", self.mask_pool_rows, 1)
         _check_min("threads", self.threads, 1)
         if self.privacy == "otp" and self.offload_attention:

@@ -46,7 +46,7 @@ def test_round_trips_per_token(smollm2, smollm2_servers):
     weights, tok = smollm2
     engine = connect_engine(weights, tok, smollm2_servers, "ipc")
     result = engine.generate("Hello", GenerationConfig(max_new_tokens=5, stop_at_eos=False))
-    per_forward = 4 * weights.config.num_layers + 1
+    per_forward = rpcs_per_forward(weights.config.num_layers)
     assert result.rpc["calls"] == per_forward * 5  # prefill + 4 decode forwards
     assert result.rpc["bytes_sent"] > 0 and result.rpc["bytes_received"] > 0
     engine.client.close()
