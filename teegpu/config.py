@@ -144,6 +144,8 @@ class GenerationConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_min("top_k", self.top_k, 0)
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ConfigError(f"seed must fit in 64 bits, got {self.seed}")
         self.stop = tuple(self.stop)
         if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
             raise ConfigError("stop takes up to 4 non-empty strings")

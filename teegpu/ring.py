@@ -2,7 +2,8 @@
 
 Weights become 16-bit integers once (per-output-channel scale), activations 16-bit
 per row (per-row scale). The true product of one row is then bounded by
-d_in * 32767 * 32639 < 2^41 (d_in <= 2^11), far inside the ring: it never wraps,
+d_in * 32767 * 32639 < 2^46 (d_in <= 2^16: every LLaMA, Llama-3-8B's down_proj has 14336),
+far inside the ring: it never wraps,
 so subtracting the pad's product gives it back exactly. The ring is int64's natural
 two's-complement wrap-around.
 
@@ -24,7 +25,7 @@ from teegpu.errors import ConfigError
 
 WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit int8
 ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
-MAX_D_IN = 1 << 11  # of a weight: keeps honest results below 2^41
+MAX_D_IN = 1 << 16  # of a weight: keeps honest results below 2^46 (and int32 accumulation exact)
 MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
 _BYTE_SUM = int.from_bytes(b"\x01" * 8, "little")  # sum of 2^(8i), i < 8
 
@@ -109,6 +110,14 @@ def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:
 def result_bound(d_in: int) -> int:
     """The largest |x_q . w_q| an honest product can have: the range check's limit."""
     return d_in * ACT_MAX * WEIGHT_MAX
+
+
+def check_vectors(d_in: int, security_bits: int = 40) -> int:
+    """Freivalds vectors a weight of this d_in needs so that a wrong product passes with probability
+    at most 2^-security_bits: with honest results below 2^b, an error the range check cannot see
+    has 2-adic valuation v <= b, and passes one uniform vector with probability 2^(v - 64)."""
+    b = result_bound(d_in).bit_length()
+    return -(-security_bits // (64 - b))
 
 
 def ring_fingerprint(quantized: dict) -> str:

@@ -172,6 +172,7 @@ BAD_BODIES = [
     ("negative max_tokens", {**GOOD, "max_tokens": -1}, 400, "max_tokens"),
     ("temperature out of range", {**GOOD, "temperature": 7}, 400, "temperature"),
     ("negative top_k", {**GOOD, "top_k": -2}, 400, "top_k"),
+    ("seed beyond 64 bits", {**GOOD, "seed": 1 << 70}, 400, None),
     ("five stop strings", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("unknown field", {**GOOD, "frobnicate": True}, 400, "frobnicate"),
     ("penalty", {**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty"),

@@ -128,6 +128,10 @@ def test_through_a_standard_zmq_proxy_with_two_servers_behind(tiny, undisturbed)
         url = front.getsockopt_string(zmq.LAST_ENDPOINT)
         with Engine.connect(weights, tok, url, timeout_ms=15_000, data_plane="socket") as engine:
             assert engine.generate(PROMPT, GEN).token_ids == undisturbed
+        # a client that asked for shared memory finds out that its region is not known everywhere
+        with Engine.connect(weights, tok, url, timeout_ms=15_000, data_plane="shm", control_plane="socket") as engine:
+            assert engine.generate(PROMPT, GEN).token_ids == undisturbed
+            assert engine.client.data_plane == "socket"
         assert all(s.proc.poll() is None for s in servers)
     finally:
         steer.send(b"TERMINATE")

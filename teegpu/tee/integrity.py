@@ -1,6 +1,7 @@
 """Checks on every product the server returns (Freivalds), before anything uses it.
 
-Ring mode (otp): exact. Secret vectors s (uniform over Z/2^64, `VECTORS` per weight)
+Ring mode (otp): exact. Secret vectors s (uniform over Z/2^64, `check_vectors(d_in)` per weight:
+2 up to d_in 16448, Llama-3-8B's 14336 included; 3 beyond)
 are drawn once; W^T s is precomputed at load. For a returned Z = X_padded W^T the client
 compares Z s with X_padded (W^T s) mod 2^64, row by row, and checks that every unpadded
 result lies within the honest bound. docs/security.md gives the detection argument.
@@ -18,10 +19,10 @@ import torch
 
 from teegpu.errors import IntegrityError
 from teegpu.protocol import ATTENTION_OPS
-from teegpu.ring import RingWeight, result_bound, ring_dot, ring_matmul
+from teegpu.ring import RingWeight, check_vectors, result_bound, ring_dot, ring_matmul
 from teegpu.tee.mask_pool import random_ring
 
-VECTORS = 2
+VECTORS = 2  # plain mode's Rademacher vectors per weight
 # unit roundoff of the result's dtype, and of the accumulation (reduced-precision reductions allowed on GPUs)
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 MARGIN = 8.0
@@ -32,7 +33,7 @@ class RingVerifier:
         """weights: {(op, layer): integer int64 (d_out, d_in)}."""
         self.s, self.ws, self.bound = {}, {}, {}
         for key, w in weights.items():
-            s = random_ring((w.shape[0], VECTORS))
+            s = random_ring((w.shape[0], check_vectors(w.shape[1])))
             self.s[key] = s
             self.ws[key] = ring_matmul(s.t(), RingWeight(w.t())).t().contiguous()  # W^T s: (d_in, VECTORS)
             self.bound[key] = result_bound(w.shape[1])
@@ -43,7 +44,8 @@ class RingVerifier:
         if not torch.equal(lhs, rhs):
             rows = (lhs != rhs).any(1).nonzero().view(-1)
             raise IntegrityError(op.name, layer, f"Freivalds check failed on rows {rows[:8].tolist()}")
-        if int(unpadded.abs().max()) > self.bound[key]:
+        bound = self.bound[key]
+        if bool(((unpadded > bound) | (unpadded < -bound)).any()):  # not abs(): |-2^63| wraps in int64
             raise IntegrityError(op.name, layer, "unpadded result outside the range an honest product can have")
 
 

@@ -200,6 +200,12 @@ class RpcClient:
                 reply = self._call_once(op, layer, tensors, dtype, payload, started_ns, try_deadline)
                 reply.tries = tries
                 return reply
+            except ServerError as e:
+                if e.code != ErrorCode.BAD_SHM or self.shm is None or not retry:
+                    raise
+                # the server that got this request does not know our region: a broker spreads our
+                # requests over several servers. Tensors go in the messages from now on.
+                self._fall_back(f"the server that answered does not know our region ({e}; a broker in between?)")
             except ServerUnavailable as e:
                 if not retry or time.monotonic() >= deadline:
                     raise ServerUnavailable(f"no reply from {self.endpoint.url} to op {op} within {self.timeout_ms} "
