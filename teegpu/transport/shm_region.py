@@ -25,6 +25,7 @@ SHM_DIR = "/dev/shm"
 NAME_PATTERN = re.compile(r"teegpu-[A-Za-z0-9_-]{1,64}\Z")
 MIN_BYTES = 1 << 13  # the doorbell page and at least one page of tensors
 MAX_BYTES = 1 << 34
+MAX_VIEWS = 256  # tensor views kept per region (prefill chunks make many shapes; decode few)
 DEFAULT_BYTES = 64 << 20  # a 512-token prefill of SmolLM2 needs < 8 MB; larger messages go inline
 
 
@@ -36,6 +37,7 @@ class ShmRegion:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
         self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._views: dict = {}
         self.doorbell = Doorbell(self._map)
 
     @classmethod
@@ -69,11 +71,19 @@ class ShmRegion:
         return cls(name, fd, size, owner=False)
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A view of the region (no copy); offset must be aligned to the dtype."""
-        n = dtype.itemsize * math.prod(shape)
-        if offset < 0 or offset + n > self.size:
-            raise ProtocolError(ErrorCode.BAD_SHM, f"{n} bytes at offset {offset} exceed the shared region of {self.size}")
-        return self.bytes[offset:offset + n].view(dtype).view(shape)
+        """A view of the region (no copy); offset must be aligned to the dtype. Views are kept for
+        reuse: a decode step asks for the same few again and again, and making one costs microseconds."""
+        key = (offset, dtype, tuple(shape))
+        view = self._views.get(key)
+        if view is None:
+            n = dtype.itemsize * math.prod(shape)
+            if offset < 0 or offset + n > self.size:
+                raise ProtocolError(ErrorCode.BAD_SHM, f"{n} bytes at offset {offset} exceed the shared region "
+                                    f"of {self.size}")
+            if len(self._views) >= MAX_VIEWS:
+                self._views.clear()
+            view = self._views[key] = self.bytes[offset:offset + n].view(dtype).view(shape)
+        return view
 
     def unlink(self) -> bool:
         """Remove the name (the creating side, once the server has mapped it): the memory then lives
@@ -91,6 +101,7 @@ class ShmRegion:
     def close(self) -> None:
         """Unmap (once no view is left) and, on the creating side, remove the file if still named."""
         self.bytes = None
+        self._views.clear()
         self.doorbell.release()
         try:
             self._map.close()
