@@ -132,3 +132,17 @@ def test_region_views_and_bounds():
         other.close()
     finally:
         region.close()
+
+
+def test_region_views_work_in_and_out_of_inference_mode():
+    """Views are reused: one made inside torch.inference_mode (a forward pass) must still take
+    writes outside it (a tool calling the client directly), and the other way round."""
+    region = ShmRegion.create(1 << 13)
+    try:
+        with torch.inference_mode():
+            region.tensor(4096, torch.float32, (4,)).copy_(torch.ones(4))
+        region.tensor(4096, torch.float32, (4,)).copy_(torch.arange(4.0))
+        with torch.inference_mode():
+            assert torch.equal(region.tensor(4096, torch.float32, (4,)), torch.arange(4.0))
+    finally:
+        region.close()

@@ -36,7 +36,8 @@ class ShmRegion:
         self.name, self.size, self.owner = name, size, owner  # owner: created it and its name still exists
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
-        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        with torch.inference_mode(False):  # views are reused inside and outside inference mode
+            self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         self._views: dict = {}
         self.doorbell = Doorbell(self._map)
 
@@ -82,7 +83,8 @@ class ShmRegion:
                                     f"of {self.size}")
             if len(self._views) >= MAX_VIEWS:
                 self._views.clear()
-            view = self._views[key] = self.bytes[offset:offset + n].view(dtype).view(shape)
+            with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+                view = self._views[key] = self.bytes[offset:offset + n].view(dtype).view(shape)
         return view
 
     def unlink(self) -> bool:
