@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
             s.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
         for cls in configs:
-            add_arguments(s.add_argument_group(cls.__name__), cls)
+            add_arguments(s.add_argument_group(cls.__doc__.strip().splitlines()[0].rstrip(".")), cls)
 
     k = sub.add_parser("keys", help="generate a CURVE key pair: NAME.key (public) and NAME.key_secret")
     k.add_argument("directory")
