@@ -43,30 +43,51 @@ class Servers:
         self.model, self.endpoints = model, [free_tcp() for _ in range(count)]
         self.procs = [self._start(e) for e in self.endpoints]
         self.lock = threading.Lock()
+        self.restarts: list[threading.Thread] = []
+        self.dead: list[ServerProcess] = []  # killed ones, replaced
 
     def _start(self, endpoint: str) -> ServerProcess:
         proc = ServerProcess(ServerConfig(model=self.model, endpoint=endpoint))
         proc.wait_ready()
         return proc
 
-    def kill_and_restart(self, i: int) -> None:
+    def kill_and_restart(self, i: int) -> bool:
+        """SIGKILL server i and start a new one on its endpoint in the background (it takes
+        seconds; the schedule goes on meanwhile). False if it was down already."""
         with self.lock:
-            self.procs[i].proc.send_signal(signal.SIGKILL)
-            self.procs[i].proc.wait()
+            proc = self.procs[i].proc
+            if proc.poll() is not None:
+                return False
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        self.restarts.append(threading.Thread(target=self._restart, args=(i,)))
+        self.restarts[-1].start()
+        return True
+
+    def _restart(self, i: int) -> None:
         fresh = self._start(self.endpoints[i])
         with self.lock:
+            self.dead.append(self.procs[i])
             self.procs[i] = fresh
 
-    def stall(self, i: int, seconds: float) -> None:
-        pid = self.procs[i].proc.pid
-        os.kill(pid, signal.SIGSTOP)
+    def stall(self, i: int, seconds: float) -> bool:
+        """SIGSTOP server i for `seconds`, then SIGCONT; False if it is down (being restarted)."""
+        with self.lock:
+            proc = self.procs[i].proc
+            if proc.poll() is not None:
+                return False
+            os.kill(proc.pid, signal.SIGSTOP)
         time.sleep(seconds)
-        os.kill(pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGCONT)
+        return True
 
     def stop(self) -> list[int]:
+        """Stop every server (restarts finished first); the pids of all that ever ran."""
+        for t in self.restarts:
+            t.join()
         for p in self.procs:
             p.stop()
-        return [p.proc.pid for p in self.procs]
+        return [p.proc.pid for p in self.procs + self.dead]
 
 
 def leftovers(pids: list[int]) -> list[str]:
@@ -110,8 +131,8 @@ def run(model: str | None = None, clients: int = 4, generations: int = 3, server
             if stop.wait(interval_s):
                 return
             i = rng.randrange(servers)
-            pool.kill_and_restart(i) if fault == "kill" else pool.stall(i, 0.5)
-            faults.append(fault)
+            if pool.kill_and_restart(i) if fault == "kill" else pool.stall(i, 0.5):
+                faults.append(fault)
 
     start = time.monotonic()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
