@@ -95,6 +95,7 @@ def test_ten_thousand_fuzzed_requests(tiny_model_dir, capsys):
         own = ShmRegion.create(1 << 16)  # the fuzzer's own region: FLAG_SHM requests point into it
         sock.send_multipart([b"", encode_header(Op.ATTACH_SHM, 1, 0), own.name.encode()])
         assert sock.poll(5_000) and sock.recv_multipart()
+        own.unlink()  # mapped by the server now: like a real client, leave no name behind, even on failure
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
