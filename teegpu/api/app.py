@@ -88,8 +88,7 @@ class Service:
     def close(self) -> None:
         self.stop.set()
         if self.scheduler is not None:
-            with self.scheduler._lock:
-                self.scheduler._wake.notify()
+            self.scheduler.wake()
         if self.engine is not None:
             self.engine.close()
 

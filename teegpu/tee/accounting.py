@@ -19,7 +19,8 @@ class GenerationClock:
 
     def report(self, seq, load_s: float) -> tuple[dict, dict]:
         """(timings, rpc) of a finished sequence; also writes its time split to the RPC log."""
-        rpc = difference(self.engine.rpc_summary(), self.before)
+        after = self.engine.rpc_summary()
+        rpc = difference(after, self.before)
         prefill_ms = ((seq.first_token_s or seq.started_s) - seq.started_s) * 1000
         decode_ms = seq.decode_s * 1000
         timings = {"load_s": round(load_s, 3), "prefill_ms": round(prefill_ms, 3),
@@ -27,7 +28,7 @@ class GenerationClock:
         breakdown = rpc.get("breakdown_ms")
         if breakdown:  # the trusted side's own compute: forward time outside the RPCs
             timings["trusted_ms"] = round(prefill_ms + decode_ms - breakdown["total_ms"], 3)
-        pool = self.engine.rpc_summary().get("mask_pool")
+        pool = after.get("mask_pool")
         if pool is not None:  # pad precomputation per token: one row for every weight
             per_row = pool["fill_ms"] / max(pool["rows_filled"], 1)
             timings["offline_ms_per_token"] = round(per_row * rpcs_per_forward(self.engine.config.num_layers), 3)

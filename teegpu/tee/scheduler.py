@@ -131,6 +131,10 @@ class Scheduler:
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence at the next step boundary and free its cache (a client went away)."""
         seq.cancelled = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Interrupt an idle `run` (a cancellation, or its stop event was set)."""
         with self._lock:
             self._wake.notify()
 
