@@ -1,10 +1,14 @@
 """`python -m bench`: the side-by-side benchmark (bench/suite.py); `python -m bench serve`: many
 users through the HTTP API (bench/serve.py); `python -m bench soak`: clients under server
-faults (bench/soak.py)."""
+faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py)."""
 import sys
 
 if sys.argv[1:2] == ["serve"]:
     from bench.serve import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["seed"]:
+    from bench.seed import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["soak"]:

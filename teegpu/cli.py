@@ -11,7 +11,8 @@ import os
 import sys
 
 from teegpu.config import (
-    ApiConfig, EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, add_arguments, from_args,
+    ApiConfig, EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, ShapedModelConfig, VerifyConfig,
+    add_arguments, from_args,
 )
 from teegpu.errors import TeegpuError
 
@@ -20,9 +21,12 @@ COMMAND_CONFIGS = {
     "serve": (ServerConfig,),
     "generate": (EngineConfig, GenerationConfig),
     "api": (ApiConfig, EngineConfig, SchedulerConfig),
+    "shaped-model": (ShapedModelConfig,),
+    "verify": (VerifyConfig,),
 }
 # the flags of a command that belong to no dataclass (checked by tests/test_cli_flags_match_configs.py)
-COMMAND_FLAGS = {"serve": set(), "generate": {"prompt", "chat", "json"}, "api": set()}
+COMMAND_FLAGS = {"serve": set(), "generate": {"prompt", "chat", "json"}, "api": set(), "shaped-model": set(),
+                 "verify": {"url", "json"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"serve": "run the untrusted GPU server (linear layers only)",
              "generate": "generate text on the trusted side, linears on the server",
-             "api": "serve the OpenAI-compatible HTTP API from the trusted side, many users at once"}
+             "api": "serve the OpenAI-compatible HTTP API from the trusted side, many users at once",
+             "shaped-model": "write a random-weight model of a named LLaMA shape (benchmarks at real sizes)",
+             "verify": "check a teegpu api --tls server's TEE quote, key, measurement and model"}
     for name, configs in COMMAND_CONFIGS.items():
         s = sub.add_parser(name, help=helps[name])
+        if name == "verify":
+            s.add_argument("url", help="https://HOST:PORT of a teegpu api --tls")
+            s.add_argument("--json", action="store_true", help="print what was verified as JSON")
         if name == "generate":
             s.add_argument("prompt")
             s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -111,6 +120,26 @@ def run_api(args) -> int:
     return 0
 
 
+def run_shaped_model(args) -> int:
+    from teegpu.model.shaped import write_shaped_model
+
+    print(f"wrote {write_shaped_model(from_args(ShapedModelConfig, args))}")
+    return 0
+
+
+def run_verify(args) -> int:
+    from teegpu.client import verify_server
+
+    done = verify_server(args.url, from_args(VerifyConfig, args))
+    if args.json:
+        print(json.dumps({**done.__dict__, "spki_sha256": done.spki_sha256.hex()}))
+        return 0
+    print(f"{done.url}: attestation {done.attestation}, {done.measurement or 'no measurement'}")
+    for line in done.checks:
+        print(f"  ok  {line}")
+    return 0
+
+
 def run_keys(args) -> int:
     from teegpu.transport import generate_keys
 
@@ -120,7 +149,8 @@ def run_keys(args) -> int:
 
 
 COMMANDS = {"serve": run_serve, "generate": run_generate, "api": run_api, "analyze": run_analyze,
-            "keys": run_keys}
+            "keys": run_keys, "shaped-model": run_shaped_model,
+            "verify": run_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from teegpu.errors import ConfigError
 from teegpu.options import (
-    CONTROL_PLANES, DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_SPIN_MAX_US, DEFAULT_TIMEOUT_MS, DEVICES, DTYPES,
-    PRIVACY_MODES,
+    ATTESTATION_KINDS, CONTROL_PLANES, DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_SPIN_MAX_US, DEFAULT_TIMEOUT_MS,
+    DEVICES, DTYPES, PRIVACY_MODES,
 )
 
 
@@ -177,11 +177,63 @@ class ApiConfig:
     port: int = option(8000, "port to listen on (0: a free one)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on every /v1 request", metavar="KEY")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (HTTP 413 past it)")
+    tls: bool = option(False, "HTTPS with a fresh key made in the TEE; its certificate carries a quote that "
+                              "binds the key, the model and the privacy mode (docs/security.md)")
+    attestation: str = option("auto", "where quotes come from: auto (detected), gramine (/dev/attestation), tdx "
+                                      "(configfs-tsm) or none", choices=ATTESTATION_KINDS)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         _check_min("max_body_bytes", self.max_body_bytes, 1024)
+        _check_choices(self)
+        if self.attestation in ("gramine", "tdx") and not self.tls:
+            raise ConfigError(f"--attestation {self.attestation} needs --tls: the quote vouches for the TLS key")
+
+
+@dataclass(slots=True)
+class VerifyConfig:
+    """What a client requires of an attested teegpu server (teegpu verify, teegpu.client)."""
+
+    mrenclave: str | None = option(None, "SGX: the enclave measurement to require (hex)", metavar="HEX")
+    mrtd: str | None = option(None, "TDX: the TD measurement to require (hex)", metavar="HEX")
+    model_sha256: str | None = option(None, "the model file's SHA-256 to require", metavar="HEX")
+    privacy: str | None = option(None, "the privacy mode to require (plain or otp)", choices=(None, *PRIVACY_MODES),
+                                 metavar="MODE")
+    collateral: str | None = option(None, "DCAP collateral as dcap-qvl JSON (offline verification)", metavar="FILE")
+    pccs: str | None = option(None, "fetch the collateral from this PCCS", metavar="URL")
+    root_ca: str | None = option(None, "trust this root CA (DER) instead of Intel's: test deployments only",
+                                 metavar="FILE")
+    allow_tcb: tuple[str, ...] = option((), "a TCB status to accept besides UpToDate (repeat), e.g. "
+                                            "SWHardeningNeeded", metavar="STATUS")
+    insecure_no_attestation: bool = option(False, "accept a server without a quote (no TEE guarantee at all)")
+
+    def __post_init__(self):
+        _check_choices(self)
+        self.allow_tcb = ("UpToDate", *(s for s in self.allow_tcb if s != "UpToDate"))
+        for name in ("mrenclave", "mrtd", "model_sha256"):
+            value = getattr(self, name)
+            if value is not None and not all(c in "0123456789abcdefABCDEF" for c in value):
+                raise ConfigError(f"{name.replace('_', '-')} {value!r} is not hex")
+
+
+SHAPES = ("tiny", "llama-3.2-1b", "llama-3-8b")
+
+
+@dataclass(slots=True)
+class ShapedModelConfig:
+    """Random-weight model of a named LLaMA shape (teegpu shaped-model)."""
+
+    shape: str = option("tiny", "the architecture to copy", choices=SHAPES)
+    out: str = option("shaped-model", "where to write it: a directory (hf) or a .gguf file (gguf)", metavar="PATH")
+    format: str = option("hf", "hf: config.json + safetensors + tokenizer; gguf: one GGUF file", choices=("hf", "gguf"))
+    dtype: str = option("bfloat16", "dtype the weights are stored in", choices=("float32", "bfloat16"))
+    seed: int = option(0, "the same seed writes the same files")
+    layers: int | None = option(None, "fewer layers than the shape has (shape tests of large models)")
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check_min("layers", self.layers, 1)
 
 
 # ---- dataclass <-> argparse ----

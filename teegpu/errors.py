@@ -52,3 +52,7 @@ class IntegrityError(TeegpuError):
     def __init__(self, op: str, layer: int, reason: str):
         super().__init__(f"{op} layer {layer}: {reason}")
         self.op, self.layer, self.reason = op, layer, reason
+
+
+class AttestationError(TeegpuError):
+    """A server's TEE evidence failed a check (quote, TCB status, measurement, key or model binding)."""

@@ -9,6 +9,7 @@ CONTROL_PLANES = ("doorbell", "socket")  # with shm, how requests are announced:
 DTYPES = ("float32", "bfloat16", "float16")  # of the weights, the wire and the trusted activations
 
 DEFAULT_TIMEOUT_MS = 60_000  # deadline of one request to the server
+ATTESTATION_KINDS = ("auto", "gramine", "tdx", "none")
 DEFAULT_MASK_POOL_ROWS = 32  # otp: pads kept ready per weight
 DEFAULT_SPIN_MAX_US = 2_000  # longest a side polls the doorbell before it sleeps on its socket
 

@@ -18,6 +18,8 @@ precomputed per-column constant. docs/security.md has the bit budget.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,22 +44,46 @@ _PLACE = torch.tensor([[_to_int64(1 << (8 * i + 8 * h)) for h in range(2)] for i
 
 
 class RingWeight:
-    """An integer weight (d_out, d_in) laid out for `ring_matmul`: its int8 halves, side by side."""
+    """An integer weight (d_out, d_in) laid out for `ring_matmul`: its int8 halves, side by side,
+    2 bytes a parameter and nothing else. Filled a block of rows at a time (`set_rows`), so a
+    large weight never exists as int64 or float all at once."""
 
-    def __init__(self, q: torch.Tensor):
-        q = q.to(torch.int32)
-        if q.shape[1] > MAX_INNER or int(q.abs().max()) > WEIGHT_MAX:
-            raise ConfigError(f"ring weight of shape {list(q.shape)} exceeds the int8-limb budget")
-        lo = ((q + 128) & 255) - 128
-        hi = (q - lo) >> 8  # exact: q - lo is a multiple of 256
-        self.d_out, self.d_in = q.shape
-        self.halves = torch.cat([lo, hi]).to(torch.int8).t()  # (d_in, 2 d_out), transposed view
-        # the digits are bytes - 128: add back 128 * sum_i 2^(8i) * (row sum of w), mod 2^64
-        self.correction = q.sum(dim=1, dtype=torch.int64) * _to_int64(128 * _BYTE_SUM)  # int64 multiply wraps
+    def __init__(self, d_out: int, d_in: int):
+        if d_in > MAX_INNER:
+            raise ConfigError(f"ring weight of shape {[d_out, d_in]} exceeds the int8-limb budget")
+        self.d_out, self.d_in = d_out, d_in
+        self.rows = torch.empty(2 * d_out, d_in, dtype=torch.int8)  # low halves, then high halves
+        self.halves = self.rows.t()  # (d_in, 2 d_out): the GEMM's right operand
+        self.correction = torch.empty(d_out, dtype=torch.int64)
         self.place = _PLACE
 
+    @classmethod
+    def of(cls, q: torch.Tensor) -> "RingWeight":
+        """A whole integer weight (d_out, d_in) at once."""
+        w = cls(*q.shape)
+        w.set_rows(0, q)
+        return w
+
+    def set_rows(self, start: int, q: torch.Tensor) -> None:
+        """Rows start.. of the integer weight (|q| <= WEIGHT_MAX)."""
+        q = q.to(torch.int32)
+        if q.numel() and int(q.abs().max()) > WEIGHT_MAX:
+            raise ConfigError(f"ring weight entries exceed {WEIGHT_MAX}, the int8-limb budget")
+        lo = ((q + 128) & 255) - 128
+        hi = (q - lo) >> 8  # exact: q - lo is a multiple of 256
+        end = start + q.shape[0]
+        self.rows[start:end] = lo
+        self.rows[self.d_out + start:self.d_out + end] = hi
+        # the digits are bytes - 128: add back 128 * sum_i 2^(8i) * (row sum of w), mod 2^64
+        self.correction[start:end] = q.sum(dim=1, dtype=torch.int64) * _to_int64(128 * _BYTE_SUM)  # wraps
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.correction.nbytes
+
     def to(self, device) -> "RingWeight":
-        self.halves = self.halves.to(device)
+        self.rows = self.rows.to(device)
+        self.halves = self.rows.t()
         self.correction = self.correction.to(device)
         self.place = _PLACE.to(device)
         return self
@@ -77,14 +103,21 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int64 fixed-point rows, per-row float32 scale) of float activations (T, d_in)."""
     x = x.float()
     scale = (x.abs().amax(dim=1, keepdim=True) / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.round(x / scale).clamp_(-ACT_MAX, ACT_MAX).to(torch.int64), scale
+    return (x / scale).round_().clamp_(-ACT_MAX, ACT_MAX).to(torch.int64), scale
 
 
-def ring_matmul(x: torch.Tensor, w: RingWeight) -> torch.Tensor:
-    """x (T, d_in) int64, any values, times the weight transposed, mod 2^64: (T, d_out) int64."""
+def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, d_in) int64, any values, times the weight transposed, mod 2^64: (T, d_out) int64,
+    written into `out` when given (on the weight's device), a pass of rows at a time."""
+    if out is None:
+        out = torch.empty(x.shape[0], w.d_out, dtype=torch.int64, device=w.halves.device)
     chunk = max(1, (1 << 22) // (16 * w.d_out))  # rows per pass: int64 partials of at most 32 MB
-    if x.shape[0] > chunk:
-        return torch.cat([ring_matmul(x[i:i + chunk], w) for i in range(0, x.shape[0], chunk)])
+    for i in range(0, x.shape[0], chunk):
+        _ring_rows(x[i:i + chunk], w, out[i:i + chunk])
+    return out
+
+
+def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
     t = x.shape[0]
     # byte b of each value as the signed digit b - 128: flipping the top bit and reading it as int8
     digits = (x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1) ^ 0x80).view(torch.int8)
@@ -95,7 +128,8 @@ def ring_matmul(x: torch.Tensor, w: RingWeight) -> torch.Tensor:
         if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
             digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
     partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
-    return (partial * w.place).sum(dim=(0, 2)) + w.correction
+    torch.sum(partial.mul_(w.place), dim=(0, 2), out=out)
+    out += w.correction
 
 
 def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -120,17 +154,35 @@ def check_vectors(d_in: int, security_bits: int = 40) -> int:
     return -(-security_bits // (64 - b))
 
 
-def ring_fingerprint(quantized: dict) -> str:
-    """SHA-256 over the integer weights and scales, in key order: both sides must derive the same."""
+@dataclass
+class QuantizedLinears:
+    weights: dict  # (op, layer) -> RingWeight
+    scales: dict  # (op, layer) -> float32 per-output-channel scale
+    fingerprint: str  # SHA-256 over the integer weights and scales: both sides must derive the same
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values()) + sum(s.nbytes for s in self.scales.values())
+
+
+def quantize_linears(weights, visit: Callable | None = None) -> QuantizedLinears:
+    """Every served weight of a ModelWeights, read and quantized a block of rows at a time into its
+    RingWeight; `visit(key, start, q_block)` sees each integer block (the Freivalds precomputation)."""
     h = hashlib.sha256(f"ring int16 max {WEIGHT_MAX}".encode())
-    for key in sorted(quantized):
-        q, scale = quantized[key]
+    out = QuantizedLinears({}, {}, "")
+    for key in sorted(weights.served_keys()):
+        d_out, d_in = weights.shape(key[0])
+        ring, scales, start = RingWeight(d_out, d_in), [], 0
         h.update(str(key).encode())
-        h.update(q.to(torch.int16).numpy().tobytes())  # |q| <= WEIGHT_MAX fits int16
-        h.update(scale.numpy().tobytes())
-    return h.hexdigest()
-
-
-def quantize_linears(weights) -> dict:
-    """Every served weight of a ModelWeights, quantized: {(op, layer): (q int64, scale)}."""
-    return {key: quantize_weights(w) for key, w in weights.served().items()}
+        for block in weights.blocks(*key):
+            q, scale = quantize_weights(block)
+            ring.set_rows(start, q)
+            h.update(q.to(torch.int16).numpy().tobytes())  # |q| <= WEIGHT_MAX fits int16
+            if visit is not None:
+                visit(key, start, q)
+            scales.append(scale)
+            start += q.shape[0]
+        out.weights[key], out.scales[key] = ring, torch.cat(scales)
+        h.update(out.scales[key].numpy().tobytes())
+    out.fingerprint = h.hexdigest()
+    return out

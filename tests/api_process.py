@@ -11,9 +11,10 @@ READY = "teegpu api ready on "
 
 
 class ApiProcess:
-    def __init__(self, *args: str, timeout_s: float = 300, wait: bool = True):
+    def __init__(self, *args: str, timeout_s: float = 300, wait: bool = True, launcher: list[str] | None = None):
+        """`launcher`: what runs instead of `python -m teegpu.cli api` (it gets the same arguments)."""
         port = [] if "--port" in args else ["--port", "0"]
-        cmd = [sys.executable, "-m", "teegpu.cli", "api", "--host", "127.0.0.1", *port, *args]
+        cmd = [sys.executable, *(launcher or ["-m", "teegpu.cli", "api"]), "--host", "127.0.0.1", *port, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.stderr: list[str] = []

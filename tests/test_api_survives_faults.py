@@ -134,7 +134,7 @@ def test_health_is_503_while_the_model_loads():
                 r = httpx.get(f"http://127.0.0.1:{port}/health")
                 seen.append(r.status_code)
                 if r.status_code == 503:
-                    assert r.json() == {"status": "loading"}
+                    assert r.json() == {"status": "loading", "attestation": "none"}
             except httpx.TransportError:
                 pass  # not listening yet
             time.sleep(0.05)

@@ -82,7 +82,7 @@ def well_formed_linear(server_weights, x: torch.Tensor, op: int, layer: int) -> 
 
 def test_ten_thousand_fuzzed_requests(tiny_model_dir, capsys):
     weights = load_weights(str(tiny_model_dir))
-    served = weights.served()
+    served = dict(weights.served())
     config = ServerConfig(model=str(tiny_model_dir), endpoint="tcp://127.0.0.1:*")
     sent, products = [0], [0]
     with ServerProcess(config) as server, RpcClient(server.wait_ready(), 5_000, data_plane="shm") as guard:

@@ -205,7 +205,7 @@ def test_unknown_paths_and_methods(api, method, path, status):
 
 
 def test_health_and_metrics(api, client):
-    assert httpx.get(api.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(api.url + "/health").json() == {"status": "ok", "attestation": "none"}
     chat(client, "Hi", 3)
     httpx.post(api.url + "/v1/chat/completions", headers=AUTH, json={**GOOD, "max_tokens": 0})
     text = httpx.get(api.url + "/metrics").text

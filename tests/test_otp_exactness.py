@@ -15,10 +15,10 @@ def as_ring(v: int) -> int:
 
 def test_ring_matmul_and_dot_equal_python_integers(smollm2):
     weights, _ = smollm2
-    q, _ = quantize_weights(weights.layers[3].down)  # a real (576, 1536) weight
+    q, _ = quantize_weights(weights.for_op(Op.DOWN, 3))  # a real (576, 1536) weight
     x = random_ring((2, q.shape[1]))
     x[0, :4] = torch.tensor([-(1 << 63), (1 << 63) - 1, -1, 0])  # the ring's edges
-    got = ring_matmul(x, RingWeight(q))
+    got = ring_matmul(x, RingWeight.of(q))
     qi, xi = q.tolist(), x.tolist()
     for row in range(2):
         for col in (0, 1, 287, 575):

@@ -4,13 +4,16 @@ The prompt and the generated text exist only here (inside the TEE); the GPU serv
 activations. HTTP only: every request becomes a sequence of the scheduler, which batches
 all running sequences into one step. The HTTP server starts first and answers /health 503
 while the model loads; "teegpu api ready on http://HOST:PORT" is printed once /health
-would answer 200.
+would answer 200. With --tls it serves HTTPS under a key made here, and its certificate
+carries the TEE's quote for that key (teegpu/tee/attestation.py); the evidence is also at
+/.well-known/teegpu-attestation.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import json
+import platform
 import signal
 import sys
 import threading
@@ -26,9 +29,12 @@ from teegpu.api.errors import ApiError, from_engine
 from teegpu.api.metrics import ApiMetrics
 from teegpu.api.responses import Reply, usage
 from teegpu.api.schemas import ChatRequest, CommonRequest, CompletionRequest, parse
+from teegpu import __version__
+from teegpu.attested_tls import ATTESTATION_NONE, EVIDENCE_PATH
 from teegpu.config import ApiConfig, EngineConfig, SchedulerConfig
 from teegpu.errors import IntegrityError
 from teegpu.model.loading import resolve_model_path
+from teegpu.tee.attestation import AttestedIdentity, model_sha256, quote_provider
 from teegpu.tee.engine import Engine
 from teegpu.tee.scheduler import Event, Scheduler, Sequence
 
@@ -39,8 +45,12 @@ DISCONNECT_POLL_S = 1.0  # how often a non-streamed request checks that its clie
 class Service:
     """The engine and its scheduler thread, loaded after the HTTP server has started."""
 
-    def __init__(self, api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig):
+    def __init__(self, api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
+                 identity: AttestedIdentity | None = None, evidence: dict | None = None):
         self.api, self.engine_config, self.scheduler_config = api, engine_config, scheduler_config
+        self.attestation = identity.attestation if identity is not None else ATTESTATION_NONE
+        self.evidence = evidence or {"attestation": ATTESTATION_NONE, "quote": None, "certificate": None,
+                                     "privacy": engine_config.privacy, "versions": versions()}
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: BaseException | None = None
@@ -137,14 +147,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_info_routes(app: FastAPI, service: Service) -> None:
     @app.get("/health")
     async def health():
+        said = {"attestation": service.attestation}
         if not service.loaded.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "loading", **said}, status_code=503)
         if service.load_error is not None:
-            return JSONResponse({"status": "error", "message": str(service.load_error)}, status_code=503)
+            return JSONResponse({"status": "error", "message": str(service.load_error), **said}, status_code=503)
         if not service.scheduler.server_ok:
-            return JSONResponse({"status": "unavailable", "message": "the GPU server does not answer"},
+            return JSONResponse({"status": "unavailable", "message": "the GPU server does not answer", **said},
                                 status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok", **said}
+
+    @app.get(EVIDENCE_PATH)
+    async def evidence():
+        return service.evidence
 
     @app.get("/metrics")
     async def metrics():
@@ -323,16 +338,23 @@ class StatusCounter:
         await self.app(scope, receive, counting_send)
 
 
-KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", EVIDENCE_PATH)
 
 
-def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig) -> None:
-    """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start."""
+def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
+            provider=None) -> None:
+    """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start. `provider`
+    (an object with `name` and `quote(report_data) -> bytes`) replaces --attestation's choice."""
     # otp: pads for the rows of two full decode steps stay ready (a prefill chunk may stall once)
     rows = max(engine_config.mask_pool_rows, 2 * scheduler_config.max_batch)
-    service = Service(api, dataclasses.replace(engine_config, mask_pool_rows=rows), scheduler_config)
+    identity, evidence, tls = None, None, {}
+    if api.tls:
+        identity, evidence = attested_identity(api, engine_config, provider)
+        tls = dict(zip(("ssl_certfile", "ssl_keyfile"), identity.tls_files()))
+    service = Service(api, dataclasses.replace(engine_config, mask_pool_rows=rows), scheduler_config, identity,
+                      evidence)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port, log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=5))
+                                           lifespan="off", timeout_graceful_shutdown=5, **tls))
     threading.Thread(target=_load_and_announce, args=(service, server), name="loader", daemon=True).start()
     # uvicorn re-raises SIGTERM once it has shut down; as SystemExit it still lets us stop the GPU server
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -354,5 +376,21 @@ def _load_and_announce(service: Service, server: uvicorn.Server) -> None:
     if server.started:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
-        print(f"{READY_PREFIX}http://{host}:{port} (model {service.model_id}, privacy "
-              f"{service.engine_config.privacy})", flush=True)
+        scheme = "https" if service.api.tls else "http"
+        print(f"{READY_PREFIX}{scheme}://{host}:{port} (model {service.model_id}, privacy "
+              f"{service.engine_config.privacy}, attestation {service.attestation})", flush=True)
+
+
+def versions() -> dict:
+    import torch
+
+    return {"teegpu": __version__, "python": platform.python_version(), "torch": torch.__version__}
+
+
+def attested_identity(api: ApiConfig, engine_config: EngineConfig, provider=None) -> tuple[AttestedIdentity, dict]:
+    """The TLS identity, made before the HTTP server starts: its quote names the model file's SHA-256
+    and the privacy mode (hashing the file takes a few seconds for a 1B model)."""
+    provider = provider if provider is not None else quote_provider(api.attestation)
+    model_hash = model_sha256(resolve_model_path(engine_config.model))
+    identity = AttestedIdentity.create(provider, model_hash, engine_config.privacy, __version__, api.host)
+    return identity, identity.evidence(model_hash, engine_config.privacy, versions())

@@ -39,7 +39,7 @@ class Linears(Protocol):
 class TrustedWeights:
     """The weights that never leave the trusted side: token embeddings and the norms."""
 
-    embed: torch.Tensor
+    embed: torch.Tensor  # in the file's dtype when that converts exactly (bf16 rows for fp32 activations)
     attn_norm: list[torch.Tensor]
     ffn_norm: list[torch.Tensor]
     final_norm: torch.Tensor
@@ -199,7 +199,7 @@ def forward(ids: torch.Tensor, segments: list[Segment], cfg: ModelConfig, tw: Tr
     at its own positions. Returns the logits of `logit_rows` (all rows when None)."""
     positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
     cos, sin = rope.cos[positions], rope.sin[positions]
-    x = tw.embed[ids]
+    x = tw.embed[ids].to(tw.final_norm.dtype)
     for i in range(cfg.num_layers):
         x = decoder_layer(x, i, cfg, tw, cos, sin, linears, segments, offload_attention)
     if logit_rows is not None:

@@ -1,7 +1,9 @@
-"""Find and load a model: the default SmolLM2 GGUF, any LLaMA .gguf, or a HF directory.
+"""Find and open a model: the default SmolLM2 GGUF, any LLaMA .gguf, or a HF directory.
 
-GGUF files are dequantised once and cached as safetensors (plus the tokenizer) under
-the cache directory, keyed by the file's SHA-256, so later starts are fast.
+Opening reads headers only (and, for a HF directory, the linear weights once, for the
+fingerprint); each side then reads the tensors it keeps (see `ModelWeights`). GGUF files are
+dequantised once, tensor by tensor, and cached as safetensors shards (one per layer, plus the
+tokenizer) under the cache directory, keyed by the file's SHA-256, so later starts are fast.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
 import sys
 import tempfile
@@ -16,14 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from teegpu.errors import ConfigError, ModelLoadError
 from teegpu.model.config import ModelConfig, RopeConfig
+from teegpu.model.tensor_files import StoredTensor, read_header, return_large_frees_to_the_os
 from teegpu.model.weights import ModelWeights
 
 DEFAULT_MODEL = "smollm2"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one safetensors shard per layer
 
 
 def log(message: str) -> None:
@@ -86,15 +90,13 @@ def verify_model_sha256(model: str | os.PathLike | None, expected: str) -> None:
 
 
 def load_weights(model: str | os.PathLike | None) -> ModelWeights:
-    """Load the model's weights in fp32, fused; raise ModelLoadError with the reason."""
+    """Open the model's weights (where each fused tensor lies; nothing read yet but the
+    fingerprint); raise ModelLoadError with the reason."""
     path = resolve_model_path(model)
+    return_large_frees_to_the_os()  # before the first block is read
     start = time.monotonic()
-    if path.is_dir():
-        config, flat = read_hf_dir(path)
-        weights = ModelWeights.from_flat(config, flat)
-    else:
-        weights = _load_gguf_cached(path)
-    log(f"loaded {path.name} ({weights.config.num_layers} layers) in {time.monotonic() - start:.1f} s")
+    weights = read_hf_dir(path) if path.is_dir() else _load_gguf_cached(path)
+    log(f"opened {path.name} ({weights.config.num_layers} layers) in {time.monotonic() - start:.1f} s")
     return weights
 
 
@@ -127,16 +129,22 @@ def _read_cache(folder: Path) -> ModelWeights | None:
     if meta.get("cache_version") != CACHE_VERSION:
         return None
     config = ModelConfig.from_dict(meta["config"])
-    return ModelWeights.from_flat(config, load_file(folder / "weights.safetensors"), meta["fingerprint"])
+    tensors = {name: [t] for shard in meta["shards"] for name, t in read_header(folder / shard).items()}
+    return ModelWeights.from_files(config, tensors, meta["fingerprint"])
 
 
 def _build_cache(path: Path, folder: Path) -> ModelWeights:
+    """Dequantise shard by shard (one layer in memory at a time), then fingerprint the shards."""
     log(f"first load of {path.name}: dequantising GGUF (cached in {folder} for next time)")
-    config, flat = read_gguf(path)
-    weights = ModelWeights.from_flat(config, flat)
-    _atomic_write(folder / "weights.safetensors", lambda p: save_file(weights.to_flat(), p))
+    config, shards = read_gguf(path)
+    names = []
+    for shard, tensors in shards:
+        _atomic_write(folder / shard, lambda p: save_file(tensors, p))
+        names.append(shard)
+    tensors = {name: [t] for shard in names for name, t in read_header(folder / shard).items()}
+    weights = ModelWeights.from_files(config, tensors)
     meta = {"cache_version": CACHE_VERSION, "source": str(path), "config": config.to_dict(),
-            "fingerprint": weights.fingerprint}
+            "fingerprint": weights.fingerprint, "shards": names}
     _atomic_write(folder / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return weights
 
@@ -172,7 +180,7 @@ HF_LAYER_NAMES = {
 }
 
 
-def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_hf_dir(path: Path) -> ModelWeights:
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -181,35 +189,33 @@ def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"model directory {str(path)!r} has no *.safetensors files")
-    raw: dict[str, torch.Tensor] = {}
+    raw: dict[str, StoredTensor] = {}
     for f in files:
-        try:
-            raw.update(load_file(f))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from e
-    flat = {"embed": _take(raw, "model.embed_tokens.weight"), "final_norm": _take(raw, "model.norm.weight")}
-    if "lm_head.weight" in raw and not config.tie_word_embeddings:
-        flat["lm_head"] = raw["lm_head.weight"]
+        raw.update(read_header(f))
+    tensors = {"embed": _take(raw, "model.embed_tokens.weight"), "final_norm": _take(raw, "model.norm.weight")}
+    if not config.tie_word_embeddings:
+        tensors["lm_head"] = _take(raw, "lm_head.weight")
     for i in range(config.num_layers):
         parts = {short: _take(raw, f"model.layers.{i}.{long}.weight") for long, short in HF_LAYER_NAMES.items()}
-        flat.update(_fuse_layer(i, parts))
-    return config, flat
+        tensors.update(_fuse_layer(i, parts))
+    return ModelWeights.from_files(config, tensors)
 
 
-def _take(raw: dict, name: str) -> torch.Tensor:
+def _take(raw: dict, name: str) -> list:
     if name not in raw:
         raise ModelLoadError(f"model has no tensor {name}")
-    return raw[name]
+    return [raw[name]]
 
 
-def _fuse_layer(i: int, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One request per fused linear: q|k|v and gate|up are concatenated along the output."""
+def _fuse_layer(i: int, p: dict[str, list]) -> dict[str, list]:
+    """One request per fused linear: q|k|v and gate|up are stacked along the output
+    (p holds lists of parts: StoredTensors to read later, or tensors to concatenate now)."""
     return {
         f"layers.{i}.attn_norm": p["attn_norm"],
         f"layers.{i}.ffn_norm": p["ffn_norm"],
-        f"layers.{i}.qkv": torch.cat([p["q"], p["k"], p["v"]]),
+        f"layers.{i}.qkv": p["q"] + p["k"] + p["v"],
         f"layers.{i}.o": p["o"],
-        f"layers.{i}.gate_up": torch.cat([p["gate"], p["up"]]),
+        f"layers.{i}.gate_up": p["gate"] + p["up"],
         f"layers.{i}.down": p["down"],
     }
 
@@ -222,39 +228,59 @@ GGUF_LAYER_NAMES = {
 }
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_gguf(path: Path):
+    """(config, an iterator of (shard file name, {canonical name: fp32 tensor})): the trusted
+    tensors first, then one shard per layer, each dequantised when the iterator reaches it."""
     import gguf
-    from gguf.quants import dequantize
-    from tqdm import tqdm
 
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct.error/... on corrupt files
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from e
     config = gguf_config(reader, path)
-    raw = {}
-    for t in tqdm(reader.tensors, desc="dequantising", unit="tensor", file=sys.stderr, leave=False):
+    return config, _gguf_shards(reader, path, config)
+
+
+def _gguf_shards(reader, path: Path, config: ModelConfig):
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    by_name = {t.name: t for t in reader.tensors}
+
+    def take(name: str) -> list[torch.Tensor]:
+        if name not in by_name:
+            raise ModelLoadError(f"model has no tensor {name}")
+        t = by_name[name]
         try:
-            raw[t.name] = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            return [torch.from_numpy(dequantize(t.data, t.tensor_type).copy())]
         except (NotImplementedError, ValueError) as e:
             raise ModelLoadError(f"{path}: tensor {t.name} of type {t.tensor_type.name}: {e}") from e
-    flat = {"embed": _take(raw, "token_embd.weight"), "final_norm": _take(raw, "output_norm.weight")}
-    if "output.weight" in raw:
-        flat["lm_head"] = raw["output.weight"]
-    if "rope_freqs.weight" in raw:
-        flat["rope_freq_factors"] = raw["rope_freqs.weight"]
-    for i in range(config.num_layers):
-        parts = {short: _take(raw, f"blk.{i}.{g}.weight") for g, short in GGUF_LAYER_NAMES.items()}
+
+    head = {"embed": take("token_embd.weight")[0], "final_norm": take("output_norm.weight")[0]}
+    for name, canonical in (("output.weight", "lm_head"), ("rope_freqs.weight", "rope_freq_factors")):
+        if name in by_name:
+            head[canonical] = take(name)[0]
+    yield "head.safetensors", head
+    for i in tqdm(range(config.num_layers), desc="dequantising", unit="layer", file=sys.stderr, leave=False):
+        parts = {short: take(f"blk.{i}.{g}.weight") for g, short in GGUF_LAYER_NAMES.items()}
         # llama.cpp's converter permutes q and k rows for its rotary layout; undo it
-        parts["q"] = _unpermute(parts["q"], config.num_heads)
-        parts["k"] = _unpermute(parts["k"], config.num_kv_heads)
-        flat.update(_fuse_layer(i, parts))
-    return config, flat
+        parts["q"] = [_unpermute(parts["q"][0], config.num_heads)]
+        parts["k"] = [_unpermute(parts["k"][0], config.num_kv_heads)]
+        yield f"layer-{i}.safetensors", {name: torch.cat(p) for name, p in _fuse_layer(i, parts).items()}
+        pages = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
+        if pages is not None:
+            pages.madvise(mmap.MADV_DONTNEED)  # drop the file pages read so far from our RSS
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_for_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's permutation of q/k rows (what `_unpermute` undoes)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def gguf_config(reader, path: Path) -> ModelConfig:

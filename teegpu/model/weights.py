@@ -1,14 +1,21 @@
-"""The model's tensors, fused the way the server serves them (q|k|v, gate|up)."""
+"""The model's tensors, by canonical name, fused the way the server serves them (q|k|v, gate|up).
+
+Nothing is held: `ModelWeights` knows where each tensor lies in the model's files, and each side
+reads only what it keeps, in the dtype it keeps it in, a block of rows at a time. The trusted
+side reads the embeddings and norms; the server, the linear weights.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
 from teegpu.errors import ModelLoadError
 from teegpu.model.config import ModelConfig
+from teegpu.model.tensor_files import StoredTensor, read_rows, row_blocks
 from teegpu.protocol import Op
 
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
@@ -16,85 +23,82 @@ WEIGHT_OF_OP = {Op.QKV: "qkv", Op.O: "o", Op.GATE_UP: "gate_up", Op.DOWN: "down"
 
 
 @dataclass(slots=True)
-class LayerWeights:
-    attn_norm: torch.Tensor
-    ffn_norm: torch.Tensor
-    qkv: torch.Tensor  # (q_size + 2 kv_size, hidden)
-    o: torch.Tensor  # (hidden, q_size)
-    gate_up: torch.Tensor  # (2 intermediate, hidden)
-    down: torch.Tensor  # (hidden, intermediate)
-
-
-@dataclass(slots=True)
 class ModelWeights:
     config: ModelConfig
-    embed: torch.Tensor  # (vocab, hidden); trusted side only
-    layers: list[LayerWeights]
-    final_norm: torch.Tensor
-    lm_head: torch.Tensor  # the same tensor as embed when tied
-    rope_freq_factors: torch.Tensor | None  # GGUF llama3 models store scaling this way
-    fingerprint: str
+    tensors: dict[str, list[StoredTensor]]  # canonical name -> parts stacked along dim 0
+    fingerprint: str = ""
 
     @classmethod
-    def from_flat(cls, config: ModelConfig, flat: dict[str, torch.Tensor], fingerprint: str | None = None):
-        """Build from canonical names (embed, layers.N.qkv, ...), checking every shape."""
-        h, shapes = config.hidden_size, config.linear_shapes()
-
-        def get(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-            if name not in flat:
-                raise ModelLoadError(f"model file has no tensor for {name}")
-            t = flat[name]
-            if tuple(t.shape) != shape:
-                raise ModelLoadError(f"tensor {name} has shape {tuple(t.shape)}, config implies {shape}")
-            return t.float().contiguous()
-
-        layers = [
-            LayerWeights(
-                attn_norm=get(f"layers.{i}.attn_norm", (h,)),
-                ffn_norm=get(f"layers.{i}.ffn_norm", (h,)),
-                **{n: get(f"layers.{i}.{n}", shapes[n]) for n in LINEAR_NAMES},
-            )
-            for i in range(config.num_layers)
-        ]
-        embed = get("embed", (config.vocab_size, h))
-        lm_head = embed if config.tie_word_embeddings else get("lm_head", shapes["lm_head"])
-        factors = flat.get("rope_freq_factors")
-        weights = cls(config, embed, layers, get("final_norm", (h,)), lm_head,
-                      None if factors is None else factors.float(), fingerprint or "")
-        if not fingerprint:
-            weights.fingerprint = compute_fingerprint(weights)
+    def from_files(cls, config: ModelConfig, tensors: dict[str, list[StoredTensor]], fingerprint: str | None = None):
+        """Check every tensor's shape against the config (headers only); the fingerprint is computed
+        (one pass over the linear weights) unless a cache knows it."""
+        weights = cls(config, tensors)
+        for name, shape in weights.expected_shapes().items():
+            weights._check_shape(name, shape)
+        weights.fingerprint = fingerprint or compute_fingerprint(weights)
         return weights
 
-    def to_flat(self) -> dict[str, torch.Tensor]:
-        flat = {"embed": self.embed, "final_norm": self.final_norm}
-        if not self.config.tie_word_embeddings:
-            flat["lm_head"] = self.lm_head
-        if self.rope_freq_factors is not None:
-            flat["rope_freq_factors"] = self.rope_freq_factors
-        for i, layer in enumerate(self.layers):
-            for name in ("attn_norm", "ffn_norm", *LINEAR_NAMES):
-                flat[f"layers.{i}.{name}"] = getattr(layer, name)
-        return flat
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        c, h = self.config, self.config.hidden_size
+        shapes = {"embed": (c.vocab_size, h), "final_norm": (h,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head"] = c.linear_shapes()["lm_head"]
+        for i in range(c.num_layers):
+            shapes |= {f"layers.{i}.attn_norm": (h,), f"layers.{i}.ffn_norm": (h,)}
+            shapes |= {f"layers.{i}.{n}": c.linear_shapes()[n] for n in LINEAR_NAMES}
+        return shapes
 
-    def for_op(self, op: Op, layer: int) -> torch.Tensor:
-        """The (out, in) weight a linear op multiplies by (layer -1 for the LM head)."""
+    def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        parts = self.tensors.get(name)
+        if not parts:
+            raise ModelLoadError(f"model file has no tensor for {name}")
+        got = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if parts[0].shape else ()
+        if any(p.shape[1:] != parts[0].shape[1:] for p in parts) or got != shape:
+            raise ModelLoadError(f"tensor {name} has shape {[p.shape for p in parts]}, config implies {shape}")
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return read_rows(self.tensors[name], dtype)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def weight_name(self, op: Op, layer: int) -> str:
         name = WEIGHT_OF_OP[op]
-        return self.lm_head if name == "lm_head" else getattr(self.layers[layer], name)
+        if name == "lm_head":
+            return "embed" if self.config.tie_word_embeddings else "lm_head"
+        return f"layers.{layer}.{name}"
 
-    def served(self) -> dict[tuple[Op, int], torch.Tensor]:
-        """{(op, layer): (out, in) weight} of every product the server computes."""
-        return {(op, layer): self.for_op(op, layer) for op in WEIGHT_OF_OP
-                for layer in ([-1] if op == Op.LM_HEAD else range(self.config.num_layers))}
+    def shape(self, op: Op) -> tuple[int, int]:
+        """(out, in) of the weight an op multiplies by."""
+        return self.config.linear_shapes()[WEIGHT_OF_OP[op]]
+
+    def for_op(self, op: Op, layer: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight a linear op multiplies by (layer -1 for the LM head), read now."""
+        return self.read(self.weight_name(op, layer), dtype)
+
+    def blocks(self, op: Op, layer: int, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+        """The same weight as blocks of rows, for converting it without a full-size temporary."""
+        return row_blocks(self.tensors[self.weight_name(op, layer)], dtype)
+
+    def served_keys(self) -> list[tuple[Op, int]]:
+        """(op, layer) of every product the server computes, in serving order."""
+        layers = [(op, i) for i in range(self.config.num_layers) for op in (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)]
+        return layers + [(Op.LM_HEAD, -1)]
+
+    def served(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[tuple[Op, int], torch.Tensor]]:
+        """Each served weight in turn, read when asked for: one at a time in memory."""
+        for key in self.served_keys():
+            yield key, self.for_op(*key, dtype=dtype)
 
 
 def compute_fingerprint(weights: ModelWeights) -> str:
     """SHA-256 over the config and every served fp32 linear weight, in serving order.
 
-    Both sides compute it from their own copy; the handshake compares them, so a
+    Both sides compute it from their own copy of the files; the handshake compares them, so a
     server holding other weights is refused instead of answering wrongly.
     """
     h = hashlib.sha256(json.dumps(weights.config.to_dict(), sort_keys=True).encode())
-    tensors = [getattr(layer, n) for layer in weights.layers for n in LINEAR_NAMES] + [weights.lm_head]
-    for t in tensors:
-        h.update(t.contiguous().view(torch.uint8).numpy())
+    for op, layer in weights.served_keys():
+        for block in weights.blocks(op, layer):
+            h.update(block.contiguous().view(torch.uint8).numpy())
     return h.hexdigest()

@@ -18,7 +18,7 @@ from teegpu.protocol import (
     ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
     decode_header, encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames,
 )
-from teegpu.ring import RingWeight, quantize_linears, ring_fingerprint, ring_matmul
+from teegpu.ring import quantize_linears, ring_matmul
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
@@ -47,15 +47,14 @@ class LinearServer:
         self.weights: dict = {}  # (op, layer) -> weight tensor, or RingWeight in otp mode
         if privacy == "otp":  # exact products in Z/2^64: int8 GEMMs on byte digits and weight halves
             dtype = torch.int64
-            quantized = quantize_linears(weights)
-            self.ring_fingerprint = ring_fingerprint(quantized)
-            for key, (q, _) in quantized.items():
-                self.weights[key] = RingWeight(q).to(device)
+            quantized = quantize_linears(weights)  # weight by weight: only the int8 halves stay
+            self.ring_fingerprint = quantized.fingerprint
+            self.weights = {key: w.to(device) for key, w in quantized.weights.items()}
         else:
-            for key, w in weights.served().items():
-                self.weights[key] = w.to(device=device, dtype=dtype)
+            for key, w in weights.served(dtype):  # read in the served dtype, one weight at a time
+                self.weights[key] = w.to(device)
         self.device, self.dtype = device, dtype
-        self.shapes = {key: tuple(w.shape) for key, w in weights.served().items()}  # (d_out, d_in)
+        self.shapes = {(op, layer): weights.shape(op) for op, layer in weights.served_keys()}  # (d_out, d_in)
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by the client's envelope (Incoming.key)
         self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks
@@ -183,13 +182,13 @@ class LinearServer:
     @torch.inference_mode()
     def _compute(self, op: Op, layer: int, inputs: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         """The product, written into `out` (a view of the shared region) when given."""
+        on_cpu = self.device.type == "cpu"
         if self.privacy == "otp":
-            result = ring_matmul(inputs[0].to(self.device), self.weights[op, layer]).cpu()
-            if out is not None:
+            result = ring_matmul(inputs[0].to(self.device), self.weights[op, layer], out if on_cpu else None)
+            if out is not None and not on_cpu:
                 out.copy_(result)
                 return out
-            return result
-        on_cpu = self.device.type == "cpu"
+            return result.cpu()
         xs = inputs if on_cpu else [t.to(self.device, non_blocking=True) for t in inputs]
         if op in ATTENTION_OPS:
             result = torch.bmm(xs[0], xs[1], out=out if on_cpu else None)

@@ -63,8 +63,8 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
-        self.trusted = TrustedWeights(weights.embed.to(dtype), [l.attn_norm.to(dtype) for l in weights.layers],
-                                      [l.ffn_norm.to(dtype) for l in weights.layers], weights.final_norm.to(dtype))
+        self.trusted = trusted_weights(weights, dtype)
+        self.rope_freq_factors = weights.read("rope_freq_factors") if weights.has("rope_freq_factors") else None
         self.rope = RopeTables(torch.empty(0), torch.empty(0))  # grown by new_cache as positions are needed
         self._token_text: dict[int, str] = {}
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
@@ -167,7 +167,7 @@ class Engine:
             raise ContextLengthError(
                 f"{positions} positions exceed the context window of {self.config.max_position_embeddings}")
         if self.rope.cos.shape[0] < positions:  # tables for the longest cache so far
-            tables = rope_tables(self.config, positions, self.weights.rope_freq_factors)
+            tables = rope_tables(self.config, positions, self.rope_freq_factors)
             self.rope = RopeTables(tables.cos.to(self.dtype), tables.sin.to(self.dtype))
         return KVCache(self.config, positions, self.dtype)
 
@@ -280,3 +280,16 @@ def generation_eos_ids(model: str | None) -> set[int]:
         return set()
     eos = json.loads(gen_file.read_text()).get("eos_token_id")
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def trusted_weights(weights: ModelWeights, dtype: torch.dtype) -> TrustedWeights:
+    """What the trusted side keeps of the model: embeddings and norms, in its activation dtype,
+    except that the embeddings stay in the file's dtype when every value converts exactly (a bf16
+    file under fp32 activations: half the bytes, the same rows). No linear weight: the server
+    holds those (the LM head too, tied or not)."""
+    layers = range(weights.config.num_layers)
+    stored = weights.tensors["embed"][0].dtype
+    embed_dtype = stored if torch.promote_types(stored, dtype) == dtype else dtype
+    return TrustedWeights(weights.read("embed", embed_dtype), [weights.read(f"layers.{i}.attn_norm", dtype) for i in layers],
+                          [weights.read(f"layers.{i}.ffn_norm", dtype) for i in layers],
+                          weights.read("final_norm", dtype))

@@ -19,7 +19,7 @@ import torch
 
 from teegpu.errors import IntegrityError
 from teegpu.protocol import ATTENTION_OPS
-from teegpu.ring import RingWeight, check_vectors, result_bound, ring_dot, ring_matmul
+from teegpu.ring import MAX_INNER, RingWeight, check_vectors, result_bound, ring_dot, ring_matmul
 from teegpu.tee.mask_pool import random_ring
 
 VECTORS = 2  # plain mode's Rademacher vectors per weight
@@ -29,18 +29,26 @@ MARGIN = 8.0
 
 
 class RingVerifier:
-    def __init__(self, weights: dict):
-        """weights: {(op, layer): integer int64 (d_out, d_in)}."""
+    def __init__(self, shapes: dict):
+        """shapes: {(op, layer): (d_out, d_in)}; the weights arrive by blocks of rows (`add_rows`)."""
         self.s, self.ws, self.bound = {}, {}, {}
-        for key, w in weights.items():
-            s = random_ring((w.shape[0], check_vectors(w.shape[1])))
-            self.s[key] = s
-            self.ws[key] = ring_matmul(s.t(), RingWeight(w.t())).t().contiguous()  # W^T s: (d_in, VECTORS)
-            self.bound[key] = result_bound(w.shape[1])
+        for key, (d_out, d_in) in shapes.items():
+            self.s[key] = random_ring((d_out, check_vectors(d_in)))
+            self.ws[key] = torch.zeros(d_in, self.s[key].shape[1], dtype=torch.int64)  # W^T s, summed by blocks
+            self.bound[key] = result_bound(d_in)
 
-    def check(self, op, layer: int, padded: torch.Tensor, returned: torch.Tensor, unpadded: torch.Tensor) -> None:
+    def add_rows(self, key, start: int, q: torch.Tensor) -> None:
+        """Rows start.. of integer weight `key`: W^T s += q^T s[start..] (mod 2^64)."""
+        for a in range(0, q.shape[0], MAX_INNER):
+            block = q[a:a + MAX_INNER]
+            s = self.s[key][start + a:start + a + block.shape[0]]
+            self.ws[key] += ring_matmul(s.t(), RingWeight.of(block.t())).t()
+
+    def check(self, op, layer: int, xq: torch.Tensor, unpadded: torch.Tensor) -> None:
+        """unpadded = returned - R W^T, with R W^T exact: an error in the reply is the same error
+        here, so Y s == x_q (W^T s) is Freivalds' test of the padded product too."""
         key = (op, layer)
-        lhs, rhs = ring_dot(returned, self.s[key]), ring_dot(padded, self.ws[key])
+        lhs, rhs = ring_dot(unpadded, self.s[key]), ring_dot(xq, self.ws[key])
         if not torch.equal(lhs, rhs):
             rows = (lhs != rhs).any(1).nonzero().view(-1)
             raise IntegrityError(op.name, layer, f"Freivalds check failed on rows {rows[:8].tolist()}")
@@ -50,11 +58,12 @@ class RingVerifier:
 
 
 class FloatVerifier:
-    def __init__(self, weights: dict, wire_dtype: torch.dtype):
-        """weights: {(op, layer): float (d_out, d_in)} as the server holds them (its dtype)."""
+    def __init__(self, weights, wire_dtype: torch.dtype):
+        """weights: (op, layer), float (d_out, d_in) pairs as the server holds them (its dtype), one
+        at a time: only W^T s is kept."""
         self.eps = UNIT_ROUNDOFF[wire_dtype]
         self.s, self.ws, self.frobenius = {}, {}, {}
-        for key, w in weights.items():
+        for key, w in weights:
             w = w.to(wire_dtype).double()
             s = rademacher((w.shape[0], VECTORS))
             self.s[key], self.ws[key], self.frobenius[key] = s, w.t() @ s, float(w.norm())

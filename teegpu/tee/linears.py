@@ -10,11 +10,14 @@ from teegpu.errors import ConfigError, HandshakeError, IntegrityError
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
-from teegpu.ring import RingWeight, quantize_linears, quantize_rows, ring_fingerprint
+from teegpu.ring import quantize_linears, quantize_rows
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
 from teegpu.tee.mask_pool import MaskPool
 from teegpu.telemetry import RpcTelemetry
 from teegpu.transport import RpcClient
+
+
+RESCALE_ROWS = 128
 
 
 class LocalLinears:
@@ -23,7 +26,7 @@ class LocalLinears:
     telemetry = None
 
     def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
-        self.weights = {key: w.to(dtype) for key, w in weights.served().items()}
+        self.weights = dict(weights.served(dtype))
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weights[op, layer])
@@ -50,9 +53,8 @@ class RemoteLinears:
         self.client = client
         self.telemetry = telemetry or RpcTelemetry(transport=client.endpoint.transport)
         self.wire_dtype = wire_dtype
-        served = weights.served()
-        self.out_features = {key: w.shape[0] for key, w in served.items()}
-        self.verifier = FloatVerifier(served, wire_dtype) if verify else None
+        self.out_features = {(op, layer): weights.shape(op)[0] for op, layer in weights.served_keys()}
+        self.verifier = FloatVerifier(weights.served(wire_dtype), wire_dtype) if verify else None
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return self._call(op, layer, (x,), (x.shape[0], self.out_features[op, layer]))
@@ -60,7 +62,10 @@ class RemoteLinears:
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self._call(op, layer, (a, b), (a.shape[0], a.shape[1], b.shape[2]))
 
-    def _call(self, op: Op, layer: int, inputs, expected_shape, started: int | None = None) -> torch.Tensor:
+    def _call(self, op: Op, layer: int, inputs, expected_shape, started: int | None = None,
+              snapshot: bool = True) -> torch.Tensor:
+        """The checked reply; without `snapshot` possibly a view of the shared region, which the
+        caller must read exactly once (the server can write there at any time)."""
         reply = self.client.call(op, layer, inputs, dtype=self.wire_dtype, started_ns=started)
         outputs = reply.tensors
         if len(outputs) != 1 or tuple(outputs[0].shape) != expected_shape or outputs[0].dtype != self.wire_dtype:
@@ -68,7 +73,7 @@ class RemoteLinears:
             raise IntegrityError(op.name, layer, f"server replied {got}, expected {self.wire_dtype} "
                                  f"{list(expected_shape)}")
         out = outputs[0]
-        if self.client.shm is not None:  # the region is reused (and writable by the server): copy out
+        if snapshot and self.client.shm is not None:  # the region is reused (and writable by the server): copy out
             out = out.clone()
         if self.verifier is not None:
             self.verifier.check(op, layer, list(inputs), out)
@@ -95,27 +100,33 @@ class OtpLinears(RemoteLinears):
 
     def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
                  verify: bool = False, pool_rows: int = DEFAULT_MASK_POOL_ROWS, progress: bool = True):
-        quantized = quantize_linears(weights)
-        self.ring_fingerprint = ring_fingerprint(quantized)
-        self.scales = {key: scale.double() for key, (_, scale) in quantized.items()}
+        shapes = {(op, layer): weights.shape(op) for op, layer in weights.served_keys()}
+        self.ring_verifier = RingVerifier(shapes) if verify else None
+        quantized = quantize_linears(weights, self.ring_verifier.add_rows if verify else None)
+        self.ring_fingerprint = quantized.fingerprint
+        self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
         super().__init__(client, weights, torch.int64, telemetry)  # the exact ring check replaces the float one
-        self.ring_verifier = RingVerifier({key: q for key, (q, _) in quantized.items()}) if verify else None
-        self.pool = MaskPool({key: RingWeight(q) for key, (q, _) in quantized.items()}, pool_rows, progress=progress)
+        self.pool = MaskPool(quantized.weights, pool_rows, progress=progress)
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter_ns()
         xq, sx = quantize_rows(x)
         y = self.integer_linear(op, layer, xq, started)
-        return (y.double() * sx.double() * self.scales[op, layer]).to(x.dtype)
+        out = torch.empty(y.shape, dtype=x.dtype)
+        for i in range(0, y.shape[0], RESCALE_ROWS):  # float64 temporaries of a block of rows only
+            rows = slice(i, i + RESCALE_ROWS)
+            out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(self.scales[op, layer])
+        return out
 
     def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, started: int | None = None) -> torch.Tensor:
         """The exact product xq (int64, |xq| <= 2^15) times the integer weight, through the padded server."""
         r, rw = self.pool.take((op, layer), xq.shape[0])
-        padded = xq + r  # wraps mod 2^64: uniform whatever xq is
-        returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started)
-        y = returned - rw
+        padded = r.add_(xq)  # wraps mod 2^64: uniform whatever xq is (in the pads' own memory)
+        returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
+                              snapshot=False)
+        y = torch.sub(returned, rw, out=rw)  # the one read of the reply; the pads' products are used up
         if self.ring_verifier is not None:
-            self.ring_verifier.check(op, layer, padded, returned, y)
+            self.ring_verifier.check(op, layer, xq, y)
         return y
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,12 @@ class MaskPool:
             self._thread = threading.Thread(target=self._refill_loop, name="mask-pool", daemon=True)
             self._thread.start()
 
-    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """n fresh pad rows, their products, and the milliseconds it took (counted as fill time)."""
+    def _compute(self, key, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """n fresh pad rows, their products (into `out` when given), and the milliseconds it took
+        (counted as fill time)."""
         t0 = time.perf_counter()
         r = random_ring((n, self.weights[key].d_in))
-        rw = ring_matmul(r, self.weights[key])
+        rw = ring_matmul(r, self.weights[key], out)
         ms = (time.perf_counter() - t0) * 1000
         with self._lock:
             self.stats.rows_filled += n
@@ -104,12 +105,14 @@ class MaskPool:
             self._ready[key] = (r[have:], rw[have:])
             self.stats.rows_used += n
             self._wake.notify()
-        if have < n:  # a stall: the online path pays for the missing rows itself
-            extra_r, extra_rw, ms = self._compute(key, n - have)
+        if have < n:  # a stall: the online path pays for the missing rows itself, computed in place
+            rw_all = torch.empty(n, self.weights[key].d_out, dtype=torch.int64)
+            rw_all[:have] = out_rw
+            extra_r, _, ms = self._compute(key, n - have, rw_all[have:])
             with self._lock:
                 s = self.stats
                 s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + n - have, s.stall_ms + ms
-            out_r, out_rw = torch.cat([out_r, extra_r]), torch.cat([out_rw, extra_rw])
+            out_r, out_rw = torch.cat([out_r, extra_r]), rw_all
         return out_r, out_rw
 
     def _refill_loop(self) -> None:

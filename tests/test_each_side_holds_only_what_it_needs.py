@@ -1,0 +1,95 @@
+"""Memory: each side holds what it needs of the model and nothing more (at the 1B shape this is
+what keeps the trusted side inside an enclave; `python -m bench seed` reports the peak RSS).
+
+The tensors an object holds are counted by walking its attributes (teegpu objects, lists,
+tuples, dicts): the plain trusted side holds no linear weight; the otp trusted side and the otp
+server hold each linear weight only as int8 halves (2 bytes a parameter); a plain server holds
+each weight once, in its served dtype.
+"""
+import math
+
+import pytest
+import torch
+
+from teegpu.model.loading import load_weights
+from teegpu.protocol import WIRE_DTYPES
+from teegpu.server.linear_server import LinearServer
+from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
+
+
+def tensors_held(root) -> list[torch.Tensor]:
+    """Every tensor reachable from `root` through teegpu objects and containers, once per storage."""
+    seen, found, stack = set(), {}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(obj.untyped_storage().data_ptr(), obj)
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack += list(obj)
+        elif type(obj).__module__.startswith("teegpu"):
+            stack += [getattr(obj, n) for n in getattr(type(obj), "__slots__", ()) if hasattr(obj, n)]
+            stack += list(getattr(obj, "__dict__", {}).values())
+    return list(found.values())
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def linear_shapes(weights) -> set[tuple[int, int]]:
+    shapes = {weights.shape(op) for op, _ in weights.served_keys()}
+    return shapes | {s[::-1] for s in shapes}
+
+
+def linear_params(weights) -> int:
+    return sum(math.prod(weights.shape(op)) for op, _ in weights.served_keys())
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_model_dir):
+    return load_weights(str(tiny_model_dir))
+
+
+def test_plain_trusted_side_holds_no_linear_weight(tiny_model_dir, tiny_weights):
+    with Engine.open(EngineConfig(model=str(tiny_model_dir), data_plane="socket")) as engine:
+        engine.generate("hold nothing you do not need", GenerationConfig(max_new_tokens=4))
+        embed = engine.trusted.embed
+        held = [t for t in tensors_held(engine) if t.is_floating_point()]
+    assert embed.shape == (tiny_weights.config.vocab_size, tiny_weights.config.hidden_size)
+    others = [t for t in held if t.data_ptr() != embed.data_ptr()]  # (the untied LM head has its shape)
+    assert not [tuple(t.shape) for t in others if tuple(t.shape) in linear_shapes(tiny_weights)]
+    rest = sum(nbytes(t) for t in others)
+    assert rest < 0.02 * linear_params(tiny_weights) * 4  # norms and rotary tables only
+
+
+def test_otp_trusted_side_holds_int8_halves_and_pads(tiny_model_dir, tiny_weights):
+    rows = 8
+    with Engine.open(EngineConfig(model=str(tiny_model_dir), privacy="otp", mask_pool_rows=rows,
+                                  data_plane="socket")) as engine:
+        held = [t for t in tensors_held(engine) if t.data_ptr() != engine.trusted.embed.data_ptr()]
+        pool = engine.linears.pool
+    int8 = sum(nbytes(t) for t in held if t.dtype == torch.int8)
+    assert int8 == 2 * linear_params(tiny_weights)  # each linear weight, once, as two int8 halves
+    assert not [t.shape for t in held if t.dtype != torch.int8 and tuple(t.shape) in linear_shapes(tiny_weights)]
+    pads = sum(rows * sum(tiny_weights.shape(op)) * 8 for op, _ in tiny_weights.served_keys())
+    ready = sum(nbytes(r) + nbytes(rw) for r, rw in pool._ready.values())
+    assert ready <= pads  # pads made per weight, a pool's worth, not for the whole run
+
+
+@pytest.mark.parametrize("privacy,dtype", [("otp", "float32"), ("plain", "bfloat16"), ("plain", "float32")])
+def test_server_holds_each_weight_once_in_its_served_form(tiny_weights, privacy, dtype):
+    server = LinearServer(tiny_weights, torch.device("cpu"), WIRE_DTYPES[dtype], privacy=privacy)
+    weights = [t for t in tensors_held(server) if t.numel() > 16]  # (not ring.py's 16 place values)
+    if privacy == "otp":
+        assert {t.dtype for t in weights} <= {torch.int8, torch.int64}
+        assert sum(nbytes(t) for t in weights if t.dtype == torch.int8) == 2 * linear_params(tiny_weights)
+        corrections = sum(8 * tiny_weights.shape(op)[0] for op, _ in tiny_weights.served_keys())  # one per row
+        assert sum(nbytes(t) for t in weights if t.dtype == torch.int64) == corrections
+    else:
+        assert {t.dtype for t in weights} == {WIRE_DTYPES[dtype]}
+        assert sum(nbytes(t) for t in weights) == linear_params(tiny_weights) * WIRE_DTYPES[dtype].itemsize
