@@ -112,8 +112,10 @@ class OtpLinears(RemoteLinears):
         started = time.perf_counter_ns()
         xq, sx = quantize_rows(x)
         y = self.integer_linear(op, layer, xq, started)
-        out = torch.empty(y.shape, dtype=x.dtype)
-        for i in range(0, y.shape[0], RESCALE_ROWS):  # float64 temporaries of a block of rows only
+        # the result takes the front bytes of each row of y, written a block of rows at a time once
+        # that block has been read into float64: no second (T, d_out) buffer
+        out = y.view(x.dtype)[:, :y.shape[1]]
+        for i in range(0, y.shape[0], RESCALE_ROWS):
             rows = slice(i, i + RESCALE_ROWS)
             out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(self.scales[op, layer])
         return out
