@@ -222,6 +222,7 @@ def _fuse_layer(i: int, p: dict[str, list]) -> dict[str, list]:
 
 # ---- GGUF files ----
 
+GGUF_KEPT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16}
 GGUF_LAYER_NAMES = {
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "q", "attn_k": "k", "attn_v": "v",
     "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
@@ -251,8 +252,9 @@ def _gguf_shards(reader, path: Path, config: ModelConfig):
         if name not in by_name:
             raise ModelLoadError(f"model has no tensor {name}")
         t = by_name[name]
-        try:
-            return [torch.from_numpy(dequantize(t.data, t.tensor_type).copy())]
+        try:  # 16-bit float tensors stay 16-bit (exact); quantized ones become fp32
+            values = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            return [values.to(GGUF_KEPT_DTYPES.get(t.tensor_type.name, torch.float32))]
         except (NotImplementedError, ValueError) as e:
             raise ModelLoadError(f"{path}: tensor {t.name} of type {t.tensor_type.name}: {e}") from e
 

@@ -123,10 +123,13 @@ class OtpLinears(RemoteLinears):
     def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, started: int | None = None) -> torch.Tensor:
         """The exact product xq (int64, |xq| <= 2^15) times the integer weight, through the padded server."""
         r, rw = self.pool.take((op, layer), xq.shape[0])
-        padded = r.add_(xq)  # wraps mod 2^64: uniform whatever xq is (in the pads' own memory)
+        padded = xq + r  # wraps mod 2^64: uniform whatever xq is
         returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
                               snapshot=False)
-        y = torch.sub(returned, rw, out=rw)  # the one read of the reply; the pads' products are used up
+        # one read of the reply: a reply in the shared region is copied out (the server can write
+        # there at any time); one in a message of its own is ours, and is unpadded in place
+        y = returned.clone() if self.client.shm is not None and self.client.shm.holds(returned) else returned
+        self.pool.unpad((op, layer), y, r, rw)
         if self.ring_verifier is not None:
             self.ring_verifier.check(op, layer, xq, y)
         return y

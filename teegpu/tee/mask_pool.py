@@ -22,6 +22,8 @@ from teegpu.errors import ConfigError
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.ring import ring_matmul
 
+STALL_CHUNK_ROWS = 64  # pads' products computed online, this many rows at a time
+
 
 def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
     """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG."""
@@ -62,12 +64,11 @@ class MaskPool:
             self._thread = threading.Thread(target=self._refill_loop, name="mask-pool", daemon=True)
             self._thread.start()
 
-    def _compute(self, key, n: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """n fresh pad rows, their products (into `out` when given), and the milliseconds it took
-        (counted as fill time)."""
+    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """n fresh pad rows, their products, and the milliseconds it took (counted as fill time)."""
         t0 = time.perf_counter()
         r = random_ring((n, self.weights[key].d_in))
-        rw = ring_matmul(r, self.weights[key], out)
+        rw = ring_matmul(r, self.weights[key])
         ms = (time.perf_counter() - t0) * 1000
         with self._lock:
             self.stats.rows_filled += n
@@ -97,7 +98,8 @@ class MaskPool:
             self._fill(key, self.rows)
 
     def take(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n fresh pad rows and their products for this weight; removed from the pool."""
+        """n fresh pad rows for this weight, removed from the pool, and the products of the first
+        rows (those that were ready; `unpad` computes the others' when the reply is in)."""
         with self._lock:
             r, rw = self._ready[key]
             have = min(n, r.shape[0])
@@ -105,15 +107,26 @@ class MaskPool:
             self._ready[key] = (r[have:], rw[have:])
             self.stats.rows_used += n
             self._wake.notify()
-        if have < n:  # a stall: the online path pays for the missing rows itself, computed in place
-            rw_all = torch.empty(n, self.weights[key].d_out, dtype=torch.int64)
-            rw_all[:have] = out_rw
-            extra_r, _, ms = self._compute(key, n - have, rw_all[have:])
-            with self._lock:
-                s = self.stats
-                s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + n - have, s.stall_ms + ms
-            out_r, out_rw = torch.cat([out_r, extra_r]), rw_all
+        if have < n:
+            out_r = torch.cat([out_r, random_ring((n - have, self.weights[key].d_in))])
         return out_r, out_rw
+
+    def unpad(self, key, y: torch.Tensor, r: torch.Tensor, rw: torch.Tensor) -> None:
+        """y -= R W^T in place: the ready products `rw` for the first rows, and for the rest (a
+        stall: the online path pays) products computed a chunk of rows at a time, so that a long
+        prefill never holds all its pads' products at once."""
+        have = rw.shape[0]
+        y[:have] -= rw
+        if have == r.shape[0]:
+            return
+        t0 = time.perf_counter()
+        for i in range(have, r.shape[0], STALL_CHUNK_ROWS):
+            y[i:i + STALL_CHUNK_ROWS] -= ring_matmul(r[i:i + STALL_CHUNK_ROWS], self.weights[key])
+        ms = (time.perf_counter() - t0) * 1000
+        with self._lock:
+            s, missing = self.stats, r.shape[0] - have
+            s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + missing, s.stall_ms + ms
+            s.rows_filled, s.fill_ms = s.rows_filled + missing, s.fill_ms + ms
 
     def _refill_loop(self) -> None:
         try:

@@ -87,6 +87,13 @@ class ShmRegion:
                 view = self._views[key] = self.bytes[offset:offset + n].view(dtype).view(shape)
         return view
 
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether tensor t lies in this region (and so can change under the reader)."""
+        if self.bytes is None:
+            return False
+        start = self.bytes.data_ptr()
+        return start <= t.data_ptr() < start + self.size
+
     def unlink(self) -> bool:
         """Remove the name (the creating side, once the server has mapped it): the memory then lives
         exactly as long as the two mappings, so a killed process leaves nothing in /dev/shm."""
