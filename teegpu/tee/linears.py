@@ -109,9 +109,8 @@ class OtpLinears(RemoteLinears):
         self.pool = MaskPool(quantized.weights, pool_rows, progress=progress)
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
-        started = time.perf_counter_ns()
         xq, sx = quantize_rows(x)
-        y = self.integer_linear(op, layer, xq, started)
+        y = self.integer_linear(op, layer, xq)
         # the result takes the front bytes of each row of y, written a block of rows at a time once
         # that block has been read into float64: no second (T, d_out) buffer
         out = y.view(x.dtype)[:, :y.shape[1]]
@@ -120,10 +119,12 @@ class OtpLinears(RemoteLinears):
             out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(self.scales[op, layer])
         return out
 
-    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, started: int | None = None) -> torch.Tensor:
-        """The exact product xq (int64, |xq| <= 2^15) times the integer weight, through the padded server."""
+    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor) -> torch.Tensor:
+        """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
+        padded server. The RPC's record starts once the pads are taken: pads made online count in the pool's stall time."""
         r, rw = self.pool.take((op, layer), xq.shape[0])
-        padded = xq + r  # wraps mod 2^64: uniform whatever xq is
+        started = time.perf_counter_ns()
+        padded = xq.add_(r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
         returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
                               snapshot=False)
         # one read of the reply: a reply in the shared region is copied out (the server can write
@@ -131,7 +132,7 @@ class OtpLinears(RemoteLinears):
         y = returned.clone() if self.client.shm is not None and self.client.shm.holds(returned) else returned
         self.pool.unpad((op, layer), y, r, rw)
         if self.ring_verifier is not None:
-            self.ring_verifier.check(op, layer, xq, y)
+            self.ring_verifier.check(op, layer, padded - r, y)
         return y
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

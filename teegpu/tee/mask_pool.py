@@ -25,9 +25,18 @@ from teegpu.ring import ring_matmul
 STALL_CHUNK_ROWS = 64  # pads' products computed online, this many rows at a time
 
 
-def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG."""
-    return torch.frombuffer(bytearray(os.urandom(8 * math.prod(shape))), dtype=torch.int64).view(shape)
+RANDOM_CHUNK_BYTES = 1 << 20
+
+
+def random_ring(shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG, written into
+    `out` when given, a megabyte at a time (no second copy of a large request)."""
+    out = torch.empty(shape, dtype=torch.int64) if out is None else out
+    flat = out.view(-1).view(torch.uint8)
+    for i in range(0, flat.numel(), RANDOM_CHUNK_BYTES):
+        chunk = flat[i:i + RANDOM_CHUNK_BYTES]
+        chunk.copy_(torch.frombuffer(bytearray(os.urandom(chunk.numel())), dtype=torch.uint8))
+    return out
 
 
 @dataclass
@@ -107,8 +116,14 @@ class MaskPool:
             self._ready[key] = (r[have:], rw[have:])
             self.stats.rows_used += n
             self._wake.notify()
-        if have < n:
-            out_r = torch.cat([out_r, random_ring((n - have, self.weights[key].d_in))])
+        if have < n:  # the pads themselves are cheap; their products wait for `unpad`
+            t0 = time.perf_counter()
+            all_r = torch.empty(n, self.weights[key].d_in, dtype=torch.int64)
+            all_r[:have] = out_r
+            random_ring(all_r[have:].shape, all_r[have:])
+            out_r = all_r
+            with self._lock:
+                self.stats.stall_ms += (time.perf_counter() - t0) * 1000
         return out_r, out_rw
 
     def unpad(self, key, y: torch.Tensor, r: torch.Tensor, rw: torch.Tensor) -> None:
