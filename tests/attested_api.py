@@ -3,7 +3,7 @@ tests start where SGX hardware would be. Not part of the package: a normal `teeg
 select this provider (its --attestation takes auto, gramine, tdx or none).
 
     python tests/attested_api.py STATE_DIR [--debug-enclave] [--replay-quote FILE]
-                                 [--wrong-model-binding] -- TEEGPU-API-ARGS...
+                                 [--wrong-model-binding] [--tcb-status STATUS] -- TEEGPU-API-ARGS...
 
 Writes STATE_DIR/root_ca.der, collateral.json and quote.bin (the quote it serves).
 """
@@ -41,11 +41,12 @@ def main() -> None:
     p.add_argument("--debug-enclave", action="store_true")
     p.add_argument("--replay-quote")
     p.add_argument("--wrong-model-binding", action="store_true")
+    p.add_argument("--tcb-status", default="UpToDate", help="what the collateral says of the platform")
     ours, api_args = sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]
     opts = p.parse_args(ours)
     state = Path(opts.state)
     state.mkdir(parents=True, exist_ok=True)
-    quotes = QuotesUnderTestRoot(debug=opts.debug_enclave)
+    quotes = QuotesUnderTestRoot(debug=opts.debug_enclave, tcb_status=opts.tcb_status)
     (state / "root_ca.der").write_bytes(quotes.root_der)
     (state / "collateral.json").write_text(quotes.collateral_json())
     args = build_parser().parse_args(["api", *api_args])

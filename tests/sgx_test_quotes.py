@@ -106,8 +106,9 @@ class QuotesUnderTestRoot:
 
     name = "test-root"  # what /health and the evidence say instead of gramine or tdx
 
-    def __init__(self, mr_enclave: bytes = bytes.fromhex("11" * 32), debug: bool = False):
-        self.mr_enclave, self.debug = mr_enclave, debug
+    def __init__(self, mr_enclave: bytes = bytes.fromhex("11" * 32), debug: bool = False,
+                 tcb_status: str = "UpToDate"):
+        self.mr_enclave, self.debug, self.tcb_status = mr_enclave, debug, tcb_status
         self.root_key, self.ca_key, self.signer_key, self.pck_key = _key(), _key(), _key(), _key()
         self.root = _cert("Test Root CA", self.root_key, None, self.root_key, ca=True)
         self.ca = _cert("Test TCB Signing CA", self.ca_key, self.root, self.root_key, ca=True)
@@ -134,7 +135,7 @@ class QuotesUnderTestRoot:
     def collateral_json(self) -> str:
         """The collateral (TCB info, QE identity, CRLs, issuer chains) as dcap-qvl's JSON."""
         levels = [{"tcb": {"sgxtcbcomponents": [{"svn": 0}] * 16, "pcesvn": 0}, "tcbDate": "2024-01-01T00:00:00Z",
-                   "tcbStatus": "UpToDate"}]
+                   "tcbStatus": self.tcb_status}]
         tcb_info = json.dumps({"id": "SGX", "version": 3, "issueDate": "2024-01-01T00:00:00Z",
                                "nextUpdate": "2099-12-31T23:59:59Z", "fmspc": "00906EA10000", "pceId": "0000",
                                "tcbType": 0, "tcbEvaluationDataNumber": 12, "tcbLevels": levels})

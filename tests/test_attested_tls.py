@@ -133,6 +133,21 @@ def test_lying_servers_are_refused(attested, tiny_model_dir, fault, message):
         liar.stop()
 
 
+def test_a_platform_whose_tcb_is_not_up_to_date_is_refused_unless_allowed(attested, tiny_model_dir, capsys):
+    _, _, root = attested
+    stale, state = start(root, tiny_model_dir, "--tcb-status", "OutOfDate")
+    try:
+        e = expect(state, tiny_model_dir)
+        with pytest.raises(AttestationError, match="TCB status OutOfDate is not allowed"):
+            verify_server(stale.url, e)
+        argv = ["verify", stale.url, "--root-ca", e.root_ca, "--collateral", e.collateral]
+        assert cli_main(argv) == 2 and "OutOfDate" in capsys.readouterr().err
+        assert cli_main([*argv, "--allow-tcb", "OutOfDate"]) == 0
+        assert "TCB OutOfDate" in capsys.readouterr().out
+    finally:
+        stale.stop()
+
+
 def test_a_server_without_attestation_is_refused_unless_told(tmp_path, tiny_model_dir, capsys):
     api, _ = start(tmp_path, tiny_model_dir, launcher=None)  # plain `teegpu api --tls` here: attestation none
     try:
