@@ -60,3 +60,24 @@ def test_serving_bench_runs_through_the_api(tiny_model_dir):
     assert one["tokens"] == 4 and two["tokens"] == 8  # ignore_eos: every stream has exactly its tokens
     assert one["ratio_tokens_per_s"] == 1.0 and two["ratio_tokens_per_s"] == two["tokens_per_s"] / one["tokens_per_s"]
     assert "target" in serve.format_table(res)
+
+
+def test_seed_workload_bench_runs_every_mode(tiny_model_dir):
+    """`python -m bench seed` on the tiny model: every mode in its own process, RSS and splits reported."""
+    import argparse
+
+    from bench import seed
+
+    args = argparse.Namespace(model=str(tiny_model_dir), prefill=24, tokens=2, device="cpu", threads=None,
+                              modes=["float32", "otp"])
+    res = seed.measure(args)
+    modes = res["modes"]
+    assert set(modes) == {"hf float32", "split float32", "split otp"}
+    for name in ("split float32", "split otp"):
+        m = modes[name]
+        assert m["rpcs_per_forward"] == res["expected_rpcs"] == rpcs_per_forward(3)
+        assert m["peak_rss_trusted"] > 0 and m["peak_rss_server"] > 0 and m["prefill_ms"] > 0
+        assert abs(sum(m["split_ms"].values()) - m["prefill_ms"]) < 1e-6 * m["prefill_ms"] + 1e-3
+    assert modes["split otp"]["bytes_per_forward"] > modes["split float32"]["bytes_per_forward"]  # int64 on the wire
+    table = seed.format_table(res)
+    assert "split otp" in table and f"expected RPCs here {rpcs_per_forward(3)}" in table
