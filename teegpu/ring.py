@@ -77,10 +77,6 @@ class RingWeight:
         # the digits are bytes - 128: add back 128 * sum_i 2^(8i) * (row sum of w), mod 2^64
         self.correction[start:end] = q.sum(dim=1, dtype=torch.int64) * _to_int64(128 * _BYTE_SUM)  # wraps
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows.nbytes + self.correction.nbytes
-
     def to(self, device) -> "RingWeight":
         self.rows = self.rows.to(device)
         self.halves = self.rows.t()
@@ -159,10 +155,6 @@ class QuantizedLinears:
     weights: dict  # (op, layer) -> RingWeight
     scales: dict  # (op, layer) -> float32 per-output-channel scale
     fingerprint: str  # SHA-256 over the integer weights and scales: both sides must derive the same
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.weights.values()) + sum(s.nbytes for s in self.scales.values())
 
 
 def quantize_linears(weights, visit: Callable | None = None) -> QuantizedLinears:

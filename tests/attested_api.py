@@ -25,7 +25,8 @@ class Provider:
     """QuotesUnderTestRoot with the faults a test asks for."""
 
     def __init__(self, quotes: QuotesUnderTestRoot, state: Path, replay: str | None, wrong_model: bool):
-        self.name, self.quotes, self.state, self.replay, self.wrong_model = quotes.name, quotes, state, replay, wrong_model
+        self.name, self.quotes, self.state = quotes.name, quotes, state
+        self.replay, self.wrong_model = replay, wrong_model
 
     def quote(self, report_data: bytes) -> bytes:
         if self.wrong_model:  # vouch for the key, but for another model than the evidence names

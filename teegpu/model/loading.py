@@ -128,9 +128,13 @@ def _read_cache(folder: Path) -> ModelWeights | None:
     meta = json.loads(meta_file.read_text())
     if meta.get("cache_version") != CACHE_VERSION:
         return None
-    config = ModelConfig.from_dict(meta["config"])
-    tensors = {name: [t] for shard in meta["shards"] for name, t in read_header(folder / shard).items()}
-    return ModelWeights.from_files(config, tensors, meta["fingerprint"])
+    return ModelWeights.from_files(ModelConfig.from_dict(meta["config"]), _shard_tensors(folder, meta["shards"]),
+                                   meta["fingerprint"])
+
+
+def _shard_tensors(folder: Path, shards: list[str]) -> dict:
+    """{canonical name: [StoredTensor]} of the cache's shard files (one part each: already fused)."""
+    return {name: [t] for shard in shards for name, t in read_header(folder / shard).items()}
 
 
 def _build_cache(path: Path, folder: Path) -> ModelWeights:
@@ -141,8 +145,7 @@ def _build_cache(path: Path, folder: Path) -> ModelWeights:
     for shard, tensors in shards:
         _atomic_write(folder / shard, lambda p: save_file(tensors, p))
         names.append(shard)
-    tensors = {name: [t] for shard in names for name, t in read_header(folder / shard).items()}
-    weights = ModelWeights.from_files(config, tensors)
+    weights = ModelWeights.from_files(config, _shard_tensors(folder, names))
     meta = {"cache_version": CACHE_VERSION, "source": str(path), "config": config.to_dict(),
             "fingerprint": weights.fingerprint, "shards": names}
     _atomic_write(folder / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
@@ -248,26 +251,26 @@ def _gguf_shards(reader, path: Path, config: ModelConfig):
 
     by_name = {t.name: t for t in reader.tensors}
 
-    def take(name: str) -> list[torch.Tensor]:
+    def take(name: str) -> torch.Tensor:
         if name not in by_name:
             raise ModelLoadError(f"model has no tensor {name}")
         t = by_name[name]
         try:  # 16-bit float tensors stay 16-bit (exact); quantized ones become fp32
             values = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-            return [values.to(GGUF_KEPT_DTYPES.get(t.tensor_type.name, torch.float32))]
+            return values.to(GGUF_KEPT_DTYPES.get(t.tensor_type.name, torch.float32))
         except (NotImplementedError, ValueError) as e:
             raise ModelLoadError(f"{path}: tensor {t.name} of type {t.tensor_type.name}: {e}") from e
 
-    head = {"embed": take("token_embd.weight")[0], "final_norm": take("output_norm.weight")[0]}
+    head = {"embed": take("token_embd.weight"), "final_norm": take("output_norm.weight")}
     for name, canonical in (("output.weight", "lm_head"), ("rope_freqs.weight", "rope_freq_factors")):
         if name in by_name:
-            head[canonical] = take(name)[0]
+            head[canonical] = take(name)
     yield "head.safetensors", head
     for i in tqdm(range(config.num_layers), desc="dequantising", unit="layer", file=sys.stderr, leave=False):
-        parts = {short: take(f"blk.{i}.{g}.weight") for g, short in GGUF_LAYER_NAMES.items()}
+        parts = {short: [take(f"blk.{i}.{g}.weight")] for g, short in GGUF_LAYER_NAMES.items()}
         # llama.cpp's converter permutes q and k rows for its rotary layout; undo it
-        parts["q"] = [_unpermute(parts["q"][0], config.num_heads)]
-        parts["k"] = [_unpermute(parts["k"][0], config.num_kv_heads)]
+        parts["q"] = [_unpermute(*parts["q"], config.num_heads)]
+        parts["k"] = [_unpermute(*parts["k"], config.num_kv_heads)]
         yield f"layer-{i}.safetensors", {name: torch.cat(p) for name, p in _fuse_layer(i, parts).items()}
         pages = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
         if pages is not None:

@@ -139,8 +139,8 @@ def write_gguf(out: Path, hf: dict, shards, dtype: str) -> None:
     writer = gguf.GGUFWriter(out, "llama", use_temp_file=True)
     _gguf_metadata(writer, config)
     raw = gguf.GGMLQuantizationType.BF16 if dtype == "bfloat16" else None
-    hf_to_gguf = {long: short for short, long in GGUF_LAYER_NAMES.items()}
-    hf_to_gguf = {f"{long}.weight": hf_to_gguf[short] for long, short in HF_LAYER_NAMES.items()}
+    gguf_of_short = {short: name for name, short in GGUF_LAYER_NAMES.items()}
+    hf_to_gguf = {f"{long}.weight": gguf_of_short[short] for long, short in HF_LAYER_NAMES.items()}
     for _, tensors in shards:
         for name, t in tensors.items():
             if name.startswith("model.layers."):
@@ -178,11 +178,11 @@ def _gguf_metadata(writer, config: ModelConfig) -> None:
     writer.add_vocab_size(config.vocab_size)
     source = gguf.GGUFReader(default_model_path())  # SmolLM2's tokenizer, padded to the vocabulary
     fields = {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
-    pad = config.vocab_size - len(fields["tokenizer.ggml.tokens"])
+    tokens = fields["tokenizer.ggml.tokens"]
     writer.add_tokenizer_model(fields["tokenizer.ggml.model"])
     writer.add_tokenizer_pre(fields["tokenizer.ggml.pre"])
-    writer.add_token_list(fields["tokenizer.ggml.tokens"] + [f"<|reserved_{i}|>" for i in range(
-        len(fields["tokenizer.ggml.tokens"]), config.vocab_size)])
+    writer.add_token_list(tokens + [f"<|reserved_{i}|>" for i in range(len(tokens), config.vocab_size)])
+    pad = config.vocab_size - len(tokens)
     writer.add_token_types(fields["tokenizer.ggml.token_type"] + [gguf.TokenType.NORMAL] * pad)
     writer.add_token_merges(fields["tokenizer.ggml.merges"])
     writer.add_bos_token_id(fields["tokenizer.ggml.bos_token_id"])

@@ -85,10 +85,9 @@ def row_blocks(parts: list[StoredTensor], dtype: torch.dtype) -> Iterator[torch.
 
 def read_rows(parts: list[StoredTensor], dtype: torch.dtype) -> torch.Tensor:
     """The whole (stacked) tensor in `dtype`, filled block by block: no full-size temporary."""
-    first = parts[0].shape
-    out = torch.empty(sum(p.shape[0] for p in parts), *first[1:], dtype=dtype) if first else None
-    if out is None:
+    if not parts[0].shape:  # a scalar
         return next(row_blocks(parts, dtype))
+    out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
     row = 0
     for block in row_blocks(parts, dtype):
         out[row:row + block.shape[0]] = block

@@ -85,6 +85,10 @@ class ModelWeights:
         layers = [(op, i) for i in range(self.config.num_layers) for op in (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)]
         return layers + [(Op.LM_HEAD, -1)]
 
+    def served_shapes(self) -> dict[tuple[Op, int], tuple[int, int]]:
+        """{(op, layer): (out, in)} of every served weight, from the config."""
+        return {(op, layer): self.shape(op) for op, layer in self.served_keys()}
+
     def served(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[tuple[Op, int], torch.Tensor]]:
         """Each served weight in turn, read when asked for: one at a time in memory."""
         for key in self.served_keys():

@@ -54,7 +54,7 @@ class LinearServer:
             for key, w in weights.served(dtype):  # read in the served dtype, one weight at a time
                 self.weights[key] = w.to(device)
         self.device, self.dtype = device, dtype
-        self.shapes = {(op, layer): weights.shape(op) for op, layer in weights.served_keys()}  # (d_out, d_in)
+        self.shapes = weights.served_shapes()  # (d_out, d_in)
         self.requests = 0
         self.regions: OrderedDict[bytes, ShmRegion] = OrderedDict()  # by the client's envelope (Incoming.key)
         self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks

@@ -290,6 +290,7 @@ def trusted_weights(weights: ModelWeights, dtype: torch.dtype) -> TrustedWeights
     layers = range(weights.config.num_layers)
     stored = weights.tensors["embed"][0].dtype
     embed_dtype = stored if torch.promote_types(stored, dtype) == dtype else dtype
-    return TrustedWeights(weights.read("embed", embed_dtype), [weights.read(f"layers.{i}.attn_norm", dtype) for i in layers],
+    return TrustedWeights(weights.read("embed", embed_dtype),
+                          [weights.read(f"layers.{i}.attn_norm", dtype) for i in layers],
                           [weights.read(f"layers.{i}.ffn_norm", dtype) for i in layers],
                           weights.read("final_norm", dtype))

@@ -16,8 +16,7 @@ from teegpu.tee.mask_pool import MaskPool
 from teegpu.telemetry import RpcTelemetry
 from teegpu.transport import RpcClient
 
-
-RESCALE_ROWS = 128
+RESCALE_ROWS = 128  # otp: rows rescaled at a time (float64 temporaries of this many rows)
 
 
 class LocalLinears:
@@ -53,7 +52,7 @@ class RemoteLinears:
         self.client = client
         self.telemetry = telemetry or RpcTelemetry(transport=client.endpoint.transport)
         self.wire_dtype = wire_dtype
-        self.out_features = {(op, layer): weights.shape(op)[0] for op, layer in weights.served_keys()}
+        self.out_features = {key: shape[0] for key, shape in weights.served_shapes().items()}
         self.verifier = FloatVerifier(weights.served(wire_dtype), wire_dtype) if verify else None
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -100,8 +99,7 @@ class OtpLinears(RemoteLinears):
 
     def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
                  verify: bool = False, pool_rows: int = DEFAULT_MASK_POOL_ROWS, progress: bool = True):
-        shapes = {(op, layer): weights.shape(op) for op, layer in weights.served_keys()}
-        self.ring_verifier = RingVerifier(shapes) if verify else None
+        self.ring_verifier = RingVerifier(weights.served_shapes()) if verify else None
         quantized = quantize_linears(weights, self.ring_verifier.add_rows if verify else None)
         self.ring_fingerprint = quantized.fingerprint
         self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
@@ -121,7 +119,8 @@ class OtpLinears(RemoteLinears):
 
     def integer_linear(self, op: Op, layer: int, xq: torch.Tensor) -> torch.Tensor:
         """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
-        padded server. The RPC's record starts once the pads are taken: pads made online count in the pool's stall time."""
+        padded server. The RPC's record starts once the pads are taken: pads made online count in the
+        pool's stall time."""
         r, rw = self.pool.take((op, layer), xq.shape[0])
         started = time.perf_counter_ns()
         padded = xq.add_(r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)

@@ -8,7 +8,6 @@ online path finds too few, it computes the rest itself and counts a stall.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -24,14 +23,17 @@ from teegpu.ring import ring_matmul
 
 STALL_CHUNK_ROWS = 64  # pads' products computed online, this many rows at a time
 
-
 RANDOM_CHUNK_BYTES = 1 << 20
 
 
-def random_ring(shape: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG, written into
-    `out` when given, a megabyte at a time (no second copy of a large request)."""
-    out = torch.empty(shape, dtype=torch.int64) if out is None else out
+def random_ring(shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform int64 (every value of Z/2^64 equally likely) from the OS's CSPRNG."""
+    return fill_random(torch.empty(shape, dtype=torch.int64))
+
+
+def fill_random(out: torch.Tensor) -> torch.Tensor:
+    """Overwrite a contiguous int64 tensor with random_ring's values, a megabyte at a time (no
+    second copy of a large request)."""
     flat = out.view(-1).view(torch.uint8)
     for i in range(0, flat.numel(), RANDOM_CHUNK_BYTES):
         chunk = flat[i:i + RANDOM_CHUNK_BYTES]
@@ -120,7 +122,7 @@ class MaskPool:
             t0 = time.perf_counter()
             all_r = torch.empty(n, self.weights[key].d_in, dtype=torch.int64)
             all_r[:have] = out_r
-            random_ring(all_r[have:].shape, all_r[have:])
+            fill_random(all_r[have:])
             out_r = all_r
             with self._lock:
                 self.stats.stall_ms += (time.perf_counter() - t0) * 1000
