@@ -3,6 +3,10 @@ users through the HTTP API (bench/serve.py); `python -m bench soak`: clients und
 faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py)."""
 import sys
 
+from teegpu.options import let_idle_workers_sleep
+
+let_idle_workers_sleep()  # before torch loads: this process is the split's trusted side
+
 if sys.argv[1:2] == ["serve"]:
     from bench.serve import main
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench import monolithic_env
 from teegpu.config import EngineConfig, ShapedModelConfig
 from teegpu.model.loading import cache_root, load_tokenizer, load_weights
 from teegpu.options import rpcs_per_forward
@@ -123,12 +124,14 @@ def run_monolithic(model: str, dtype: str, prefill: int, tokens: int, device: st
 
 def in_child(args, what: str, mode: str) -> dict:
     """Run one measurement in a fresh process (its own peak RSS); its last stdout line is JSON."""
-    cmd = [sys.executable, "-m", "bench", "seed", "--child", what, "--child-mode", mode, "--model", str(args.model),
+    # `-m bench.seed`, not `-m bench`: the child keeps the environment it is given (bench/__init__.py)
+    cmd = [sys.executable, "-m", "bench.seed", "--child", what, "--child-mode", mode, "--model", str(args.model),
            "--prefill", str(args.prefill), "--tokens", str(args.tokens), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"[{time.strftime('%H:%M:%S')}] {what} {mode} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    env = monolithic_env() if what == "monolithic" else None
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode:
         return {"error": f"exit code {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -203,3 +206,7 @@ def main(argv=None) -> None:
     args.model = args.model or str(shaped_model(args.shape, args.seed))
     res = measure(args)
     print(json.dumps(res, indent=1) if args.json else format_table(res))
+
+
+if __name__ == "__main__":
+    main()

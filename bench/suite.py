@@ -12,8 +12,10 @@ last plane in float32, the verified and the one-time-pad variants (`verify`, `ot
 reported as offline ms per token); then the limits of this machine (raw pyzmq echo, memcpy,
 the spin floor: a sequence number bounced through /dev/shm by two spinning processes). Repeats are interleaved across columns
 so that the machine's drift hits every column alike; cells are median (min).
-Threads: the monolithic and TEE-only columns use all cores; in the split the server
-uses all cores and the trusted side one (they take turns, never both busy).
+Threads: the monolithic and TEE-only columns use all cores, in a process of their own started
+with the user's environment (OpenMP's default policy: idle workers spin a while, best for a
+process alone on its cores); in the split both sides use all cores and, as under the `teegpu`
+command, idle OpenMP workers sleep: the two sides take turns (bench/__init__.py).
 """
 from __future__ import annotations
 
@@ -32,13 +34,15 @@ import torch
 import zmq
 from tqdm import tqdm
 
+from bench import monolithic_env
+
 from teegpu.model.loading import load_tokenizer, load_weights
 from teegpu.model.reference import transformers_model
-from teegpu.options import rpcs_per_forward
+from teegpu.options import OPENMP_WAIT_POLICY, rpcs_per_forward
 from teegpu.protocol import WIRE_DTYPES, Op
 from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
-from teegpu.tee.engine import Engine
+from teegpu.tee.engine import Engine, trusted_threads
 from teegpu.tee.linears import LocalLinears
 from teegpu.transport import private_endpoint
 
@@ -62,6 +66,53 @@ class Column:
 
 
 # ---- the three kinds of runtime ----
+
+class MonolithicProcess:
+    """The monolithic columns (hf and tee-only, each dtype) in a child process started with the
+    user's environment; each run is asked for by name and its figures sent back."""
+
+    def __init__(self, model, dtypes, ids: list[int], prefill: list[int], tokens: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(monolithic_env())  # a spawned child starts with the environment of this moment
+        try:
+            self.proc = ctx.Process(target=_monolithic_runs, args=(child, model, dtypes, ids, prefill, tokens),
+                                    daemon=True)
+            self.proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        child.close()
+        self.names = self.conn.recv()
+
+    def columns(self) -> list[Column]:
+        return [Column(name, dtype, lambda out, name=name: out.update(self._run(name))) for name, dtype in self.names]
+
+    def _run(self, name: str) -> dict:
+        self.conn.send(name)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(30)
+
+
+def _monolithic_runs(conn, model, dtypes, ids, prefill, tokens) -> None:
+    weights, tok = load_weights(model), load_tokenizer(model)
+    runs = {}
+    for dtype in dtypes:
+        runs[f"hf {dtype}", dtype] = hf_column(model, dtype, ids, prefill, tokens).run
+        local = Engine(weights, tok, LocalLinears(weights, WIRE_DTYPES[dtype]), dtype=WIRE_DTYPES[dtype])
+        runs[f"tee-only {dtype}", dtype] = engine_run(local, ids, prefill, tokens, CORES)
+    conn.send(list(runs))
+    by_name = {name: run for (name, _), run in runs.items()}
+    while (name := conn.recv()) is not None:
+        out: dict = {}
+        by_name[name](out)
+        conn.send(out)
+
 
 def hf_column(model, dtype: str, ids: list[int], prefill: list[int], tokens: int) -> Column:
     hf = transformers_model(model, WIRE_DTYPES[dtype])
@@ -140,6 +191,7 @@ def transfer_ms(client, nbytes: int) -> float:
 
 
 def split_column(engine: Engine, plane: str, dtype: str, ids, prefill, tokens, transfer_bytes) -> Column:
+    engine.threads = trusted_threads()  # as Engine.open sets it: prefill steps on every core, decode on one
     decode = engine_run(engine, ids, prefill, tokens, threads=1)
 
     def run(out: dict) -> None:
@@ -152,6 +204,7 @@ def split_column(engine: Engine, plane: str, dtype: str, ids, prefill, tokens, t
 
 def private_column(engine: Engine, name: str, ids, prefill, tokens) -> Column:
     """Verified and/or padded: the online cost timed; pads for the whole run precomputed before."""
+    engine.threads = trusted_threads()
     decode = engine_run(engine, ids, prefill, tokens, threads=1)
     pool = getattr(engine.linears, "pool", None)
     if pool is not None:
@@ -259,11 +312,11 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
     transfer_bytes = int(transfer_mb * 1e6)
     weights = load_weights(model)
     columns, servers, engines = [], [], []
+    monolithic = MonolithicProcess(model, dtypes, ids, prefill, tokens)
     try:
+        baselines = monolithic.columns()
         for dtype in dtypes:
-            columns.append(hf_column(model, dtype, ids, prefill, tokens))
-            local = Engine(weights, tok, LocalLinears(weights, WIRE_DTYPES[dtype]), dtype=WIRE_DTYPES[dtype])
-            columns.append(Column(f"tee-only {dtype}", dtype, engine_run(local, ids, prefill, tokens, CORES)))
+            columns += [c for c in baselines if c.dtype == dtype]
             for plane in planes:
                 endpoint = "tcp://127.0.0.1:*" if plane == "tcp" else private_endpoint()
                 server = ServerProcess(ServerConfig(model=model, endpoint=endpoint, dtype=dtype))
@@ -300,10 +353,12 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
             server.stop()
         for col in columns:
             getattr(col, "close", lambda: None)()
+        monolithic.close()
     cfg = weights.config
     return {
         "model": str(model or "SmolLM2-135M-Instruct (default)"), "tokens": tokens, "prefill": prefill,
         "repeats": repeats, "cores": CORES, "transfer_bytes": transfer_bytes, "torch": torch.__version__,
+        "trusted_threads": trusted_threads(), "wait_policy": os.environ.get(OPENMP_WAIT_POLICY, "default"),
         "expected_rpcs_per_token": rpcs_per_forward(cfg.num_layers),
         "columns": {c.name: {k: {"min": min(v), "median": statistics.median(v), "samples": v}
                              for k, v in c.samples.items()} | {"dtype": c.dtype} for c in columns},
@@ -411,7 +466,8 @@ def main(argv=None) -> None:
         print(json.dumps(res))
         return
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
-    print(f"`{command}`: {res['cores']} cores, "
+    print(f"`{command}`: {res['cores']} cores, split: {res['trusted_threads']} trusted threads, OpenMP wait "
+          f"policy {res['wait_policy']}, "
           f"torch {res['torch']}, {res['repeats']} repeats, cells median (min), **ratio** to hf of the same dtype\n")
     print(format_table(res))
     print()

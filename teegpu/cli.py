@@ -15,6 +15,7 @@ from teegpu.config import (
     add_arguments, from_args,
 )
 from teegpu.errors import TeegpuError
+from teegpu.options import let_idle_workers_sleep
 
 # which dataclasses a command's flags come from; the server's must not load the trusted side
 COMMAND_CONFIGS = {
@@ -155,6 +156,8 @@ COMMANDS = {"serve": run_serve, "generate": run_generate, "api": run_api, "analy
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" or (args.command in ("generate", "api") and not args.local):
+        let_idle_workers_sleep()  # before torch loads: the two sides take turns on the cores
     debug = args.debug or os.environ.get("TEEGPU_DEBUG") == "1"
     try:
         return COMMANDS[args.command](args)

@@ -98,9 +98,11 @@ class EngineConfig:
                           choices=PRIVACY_MODES)
     verify: bool = option(False, "Freivalds' check on every product the server returns")
     mask_pool_rows: int = option(DEFAULT_MASK_POOL_ROWS, "otp: pads precomputed per weight")
-    # None: 1 with a server (its work is small, and idle OpenMP workers spinning here steal the
-    # cores the server's products need; BENCHMARKS.md), torch's default when local.
-    threads: int | None = option(None, "torch threads of the trusted side (default: 1 with a server)")
+    # None with a server: every core when idle OpenMP workers sleep (the two sides take turns),
+    # else 1 (spinning workers here would steal the cores the server's products need;
+    # BENCHMARKS.md); torch's default when local.
+    threads: int | None = option(None, "torch threads of the trusted side (default with a server: all cores "
+                                 "when OMP_WAIT_POLICY=PASSIVE, which the teegpu command sets, else 1)")
     model_sha256: str | None = option(None, "refuse a model file with another SHA-256", metavar="HEX")
     curve_secret: str | None = option(None, "CURVE to --server: this client's NAME.key_secret", metavar="KEY_SECRET")
     curve_server_key: str | None = option(None, "CURVE: the pinned server's public NAME.key", metavar="KEY")

@@ -2,6 +2,9 @@
 nothing of either side, so the server, the trusted engine and the CLI all take them from here."""
 from __future__ import annotations
 
+import os
+import sys
+
 DEVICES = ("auto", "cpu", "cuda")  # where the server computes
 PRIVACY_MODES = ("plain", "otp")  # what the server sees: activations, or one-time-padded integers
 DATA_PLANES = ("socket", "shm")  # where tensors travel: in the messages, or through /dev/shm
@@ -12,6 +15,35 @@ DEFAULT_TIMEOUT_MS = 60_000  # deadline of one request to the server
 ATTESTATION_KINDS = ("auto", "gramine", "tdx", "none")
 DEFAULT_MASK_POOL_ROWS = 32  # otp: pads kept ready per weight
 DEFAULT_SPIN_MAX_US = 2_000  # longest a side polls the doorbell before it sleeps on its socket
+
+
+OPENMP_WAIT_POLICY = "OMP_WAIT_POLICY"
+
+
+def let_idle_workers_sleep() -> None:
+    """Ask OpenMP to put a parallel region's idle workers to sleep at once (OMP_WAIT_POLICY=PASSIVE)
+    unless the user chose a policy. The two sides of the split take turns on the same cores, and
+    libgomp's default keeps finished workers spinning for milliseconds on the cores the other
+    side is about to compute on (BENCHMARKS.md). libgomp reads the policy once, when torch loads
+    it: this must run before torch is imported, and does nothing after."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault(OPENMP_WAIT_POLICY, "PASSIVE")
+
+
+def idle_workers_sleep() -> bool:
+    """Whether the environment asks OpenMP for sleeping idle workers (then both sides of the split
+    can use every core: each computes while the other waits)."""
+    return os.environ.get(OPENMP_WAIT_POLICY, "").strip().upper() == "PASSIVE"
+
+
+THREADED_MACS = 1 << 24  # products of fewer multiply-adds run on one thread (threads_for)
+
+
+def threads_for(macs: int, cores: int) -> int:
+    """Threads for a product of `macs` multiply-adds: waking a sleeping OpenMP worker costs tens of
+    microseconds (40 us on our 2-core VM), more than a second thread saves on a decode-sized
+    product (BENCHMARKS.md, the thread choice)."""
+    return cores if macs >= THREADED_MACS else 1
 
 
 def rpcs_per_forward(num_layers: int) -> int:

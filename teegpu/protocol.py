@@ -135,6 +135,32 @@ def encode_header(
     return b"".join(parts)
 
 
+_PARSED: dict[bytes, tuple[TensorDesc, ...]] = {}  # descriptor sections seen (a decode step repeats a few)
+MAX_PARSED = 4096
+REQUEST_ID_AT, TIMES_AT = 5, 18  # byte offsets of the request id and of the two server times
+_REQUEST_ID, _TIMES = struct.Struct("<Q"), struct.Struct("<QQ")
+
+
+def with_request_id(template: bytes, request_id: int, compute_ns: int = 0, overhead_ns: int = 0) -> bytearray:
+    """A copy of an encoded header with another request id (and server times): a message of a
+    kind sent before, without encoding it again."""
+    head = bytearray(template)
+    _REQUEST_ID.pack_into(head, REQUEST_ID_AT, request_id)
+    if compute_ns or overhead_ns:
+        _TIMES.pack_into(head, TIMES_AT, compute_ns, overhead_ns)
+    return head
+
+
+def request_kind(raw: bytes) -> tuple[bytes, bytes]:
+    """An encoded header less its request id: equal for two requests of the same op, layer,
+    flags and tensor descriptors."""
+    return raw[:REQUEST_ID_AT], raw[REQUEST_ID_AT + _REQUEST_ID.size:]
+
+
+def request_id_of(raw: bytes) -> int:
+    return _REQUEST_ID.unpack_from(raw, REQUEST_ID_AT)[0]
+
+
 def decode_header(buf: bytes | memoryview) -> Header:
     """Parse a header frame; raise ProtocolError naming what is wrong."""
     if len(buf) < _HEAD.size:
@@ -150,6 +176,17 @@ def decode_header(buf: bytes | memoryview) -> Header:
         raise ProtocolError(
             ErrorCode.BAD_FRAMES, f"header frame of {len(buf)} bytes does not match {n} tensor descriptors"
         )
+    section = bytes(buf[_HEAD.size:])
+    descs = _PARSED.get(section)
+    if descs is None:
+        descs = _parse_descs(buf, n)
+        if len(_PARSED) >= MAX_PARSED:
+            _PARSED.clear()
+        _PARSED[section] = descs
+    return Header(version, op, status, flags, rid, layer, descs, compute_ns, overhead_ns)
+
+
+def _parse_descs(buf, n: int) -> tuple[TensorDesc, ...]:
     descs = []
     for i in range(n):
         code, ndim, *dims = _DESC.unpack_from(buf, _HEAD.size + i * _DESC.size)
@@ -161,7 +198,7 @@ def decode_header(buf: bytes | memoryview) -> Header:
         if any(d == 0 for d in shape):
             raise ProtocolError(ErrorCode.BAD_SHAPE, f"tensor {i}: empty shape {shape}")
         descs.append(TensorDesc(DTYPE_CODES[code], shape))
-    return Header(version, op, status, flags, rid, layer, tuple(descs), compute_ns, overhead_ns)
+    return tuple(descs)
 
 
 def peek_ids(buf) -> tuple[int, int, int]:

@@ -45,6 +45,7 @@ def test_manifest_has_what_the_trusted_side_needs():
         assert needed in mounts, needed
     env = m["loader"]["env"]
     assert env["TEEGPU_GRAMINE"] == "1" and env["OMP_NUM_THREADS"] == "1" and env["TEEGPU_CACHE_DIR"] == "/teegpu-cache"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # idle OpenMP workers sleep: the two sides take turns
     sgx = m["sgx"]
     assert sgx["enclave_size"] == "8G" and sgx["max_threads"] == 32
     assert sgx["edmm_enable"] is False and sgx["remote_attestation"] == "none" and sgx["debug"] is False

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -16,14 +17,28 @@ from teegpu.model.loading import load_weights
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
     ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
-    decode_header, encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames,
+    decode_header, encode_header, reply_offsets, request_id_of, request_kind, shm_offsets, tensor_frame,
+    tensors_from_frames, with_request_id,
 )
 from teegpu.ring import quantize_linears, ring_matmul
-from teegpu.options import DEFAULT_SPIN_MAX_US
+from teegpu.options import DEFAULT_SPIN_MAX_US, threads_for
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
+MAX_PLANS = 1024  # validated request kinds remembered (all regions together)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A validated shared-memory request of one kind from one client: its views in the region
+    and its reply header (request id 0). A decode step asks the same few kinds again and again."""
+
+    op: Op
+    layer: int
+    inputs: list
+    out: torch.Tensor
+    reply: bytes
 
 
 def pick_device(device: str) -> torch.device:
@@ -60,6 +75,8 @@ class LinearServer:
         self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks
         self.handled: dict[bytes, int] = {}  # by client: the last doorbell sequence number answered
         self.doorbell = doorbell  # poll the attached regions' doorbells
+        self.max_threads = self.threads = torch.get_num_threads()  # per product: threads_for its size
+        self.plans: dict[tuple, _Plan] = {}  # (client, request kind) -> views and reply; dropped at any attach
 
     def hello(self) -> Hello:
         return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
@@ -69,7 +86,14 @@ class LinearServer:
     def handle(self, msg: Incoming) -> tuple[bytes, list] | None:
         """Answer one request (None for RING, which only wakes us); raise ProtocolError for anything malformed."""
         received_ns = time.perf_counter_ns()
-        head, frames = decode_header(msg.header), msg.frames
+        raw = bytes(msg.header)
+        plan = self.plans.get((msg.key, *request_kind(raw))) if not msg.frames else None
+        if plan is not None:  # validated before: same client, op, layer and tensors
+            start_ns = time.perf_counter_ns()
+            self._compute(plan.op, plan.layer, plan.inputs, plan.out)
+            compute_ns = time.perf_counter_ns() - start_ns
+            return with_request_id(plan.reply, request_id_of(raw), compute_ns, start_ns - received_ns), []
+        head, frames = decode_header(raw), msg.frames
         if head.op not in Op._value2member_map_:
             raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"unknown op {head.op}")
         op = Op(head.op)
@@ -97,7 +121,15 @@ class LinearServer:
         overhead_ns = time.perf_counter_ns() - received_ns - compute_ns
         reply = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
                               overhead_ns=overhead_ns, flags=FLAG_SHM if out is not None else 0)
+        if out is not None:
+            self._remember(msg.key, raw, _Plan(op, head.layer, inputs, out,
+                                               encode_header(op, 0, head.layer, [out], flags=FLAG_SHM)))
         return reply, [] if out is not None else [tensor_frame(result)]
+
+    def _remember(self, identity: bytes, raw: bytes, plan: _Plan) -> None:
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        self.plans[identity, *request_kind(raw)] = plan
 
     def _inputs(self, identity: bytes, head, frames) -> tuple[ShmRegion | None, list[torch.Tensor], int]:
         """(the client's region if the tensors lie there, the input tensors, the end of the request)."""
@@ -127,6 +159,7 @@ class LinearServer:
             raise ProtocolError(ErrorCode.BAD_SHM, f"region name is not ASCII: {e}") from e
         region = ShmRegion.attach(name)
         key = msg.key
+        self.plans.clear()  # plans hold views of regions that may go now
         old = self.regions.pop(key, None)
         if old is not None:
             old.close()
@@ -179,10 +212,14 @@ class LinearServer:
             return (a.shape[0], a.shape[1], b.shape[2])
         return (inputs[0].shape[0], self.shapes[op, layer][0])
 
-    @torch.inference_mode()
     def _compute(self, op: Op, layer: int, inputs: list[torch.Tensor], out: torch.Tensor | None) -> torch.Tensor:
         """The product, written into `out` (a view of the shared region) when given."""
+        if not torch.is_inference_mode_enabled():  # serve() enters it once; entering costs a microsecond
+            with torch.inference_mode():
+                return self._compute(op, layer, inputs, out)
         on_cpu = self.device.type == "cpu"
+        if on_cpu:
+            self._use_threads(op, layer, inputs)
         if self.privacy == "otp":
             result = ring_matmul(inputs[0].to(self.device), self.weights[op, layer], out if on_cpu else None)
             if out is not None and not on_cpu:
@@ -199,6 +236,17 @@ class LinearServer:
             return out
         return result if on_cpu else result.cpu()
 
+    def _use_threads(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> None:
+        if op in ATTENTION_OPS:
+            a, b = inputs
+            macs = a.numel() * b.shape[-1]
+        else:
+            macs = inputs[0].shape[0] * self.shapes[op, layer][0] * self.shapes[op, layer][1]
+        threads = threads_for(macs, self.max_threads)
+        if threads != self.threads:
+            torch.set_num_threads(threads)
+            self.threads = threads
+
     def serve(self, sock: ServerSocket, stop: threading.Event, poll_ms: int = 200, busy_poll_us: int = 0,
               spin_max_us: int = DEFAULT_SPIN_MAX_US) -> None:
         """Answer requests until `stop` is set. A bad request gets an error reply, never a crash.
@@ -207,6 +255,11 @@ class LinearServer:
         adapted to the traffic after the last request; then announce sleep, look once more, and
         block on the socket (a client rings there when it sees us asleep)."""
         window = SpinWindow(spin_max_us if self.doorbell else 0)
+        with torch.inference_mode():
+            self._serve_until(sock, stop, window, poll_ms, busy_poll_us)
+
+    def _serve_until(self, sock: ServerSocket, stop: threading.Event, window: "SpinWindow", poll_ms: int,
+                     busy_poll_us: int) -> None:
         while not stop.is_set():
             if self._serve_doorbells(sock) or self._serve_socket(sock, 0):
                 window.busy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
 from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.weights import ModelWeights
-from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS
+from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.server_process import ServerProcess
 from teegpu.tee.accounting import GenerationClock
@@ -26,6 +27,7 @@ from teegpu.tee.text_stream import TextStream
 from teegpu.transport import ClientCurve, RpcClient, private_endpoint
 
 PING_TIMEOUT_MS = 2_000  # a health probe's deadline, shorter than a product's
+THREADED_ROWS = 32  # with a server, steps of fewer rows (decode) run on one thread (trusted_threads)
 
 __all__ = ["Engine", "EngineConfig", "GenerationConfig", "GenerationResult"]
 
@@ -63,6 +65,8 @@ class Engine:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
+        self.threads: int | None = None  # torch threads of steps of THREADED_ROWS rows or more (set by open
+        # with a server; smaller steps then take one); None: torch's setting is left alone
         self.trusted = trusted_weights(weights, dtype)
         self.rope_freq_factors = weights.read("rope_freq_factors") if weights.has("rope_freq_factors") else None
         self.rope = RopeTables(torch.empty(0), torch.empty(0))  # grown by new_cache as positions are needed
@@ -78,8 +82,6 @@ class Engine:
                               "pass --server tcp://HOST:PORT")
         if config.model_sha256 is not None:
             verify_model_sha256(config.model, config.model_sha256)
-        if config.threads is not None or not config.local:
-            torch.set_num_threads(config.threads or 1)
         proc = None
         if not config.local and config.server is None:  # start it first: it loads while we do
             proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
@@ -101,6 +103,8 @@ class Engine:
     def _open_loaded(cls, config: EngineConfig, weights: ModelWeights, tokenizer, proc) -> "Engine":
         stop_ids = generation_eos_ids(config.model)
         if config.local:
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
             dtype = WIRE_DTYPES[config.dtype]
             return cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
                        offload_attention=config.offload_attention, stop_ids=stop_ids)
@@ -111,6 +115,7 @@ class Engine:
                              mask_pool_rows=config.mask_pool_rows, curve=curve,
                              offload_attention=config.offload_attention, stop_ids=stop_ids)
         engine.server_process = proc
+        engine.threads = config.threads or trusted_threads()
         if config.rpc_log:
             engine.telemetry.open(config.rpc_log, run_info(config, engine.hello, engine.client))
         return engine
@@ -195,6 +200,8 @@ class Engine:
         ids = torch.as_tensor(ids, dtype=torch.long)
         if self.telemetry is not None:
             self.telemetry.flush()  # one flush per forward pass keeps `tail -f` current, and cheap
+        if self.threads is not None:
+            torch.set_num_threads(self.threads if ids.numel() >= THREADED_ROWS else 1)
         return forward(ids, segments, self.config, self.trusted, self.rope, self.linears, logit_rows,
                        self.offload_attention).float()
 
@@ -294,3 +301,15 @@ def trusted_weights(weights: ModelWeights, dtype: torch.dtype) -> TrustedWeights
                           [weights.read(f"layers.{i}.attn_norm", dtype) for i in layers],
                           [weights.read(f"layers.{i}.ffn_norm", dtype) for i in layers],
                           weights.read("final_norm", dtype))
+
+
+def trusted_threads() -> int:
+    """Torch threads of the trusted side's long steps (prefill) with a server, unless configured:
+    every core when idle OpenMP workers sleep (each side computes while the other waits), else
+    one, so that no worker of ours spins on a core the server's products need. Short steps
+    (decode) always take one: waking a worker costs more than it saves (BENCHMARKS.md).
+    OMP_NUM_THREADS, where set, caps it (the Gramine manifest sets it)."""
+    if not idle_workers_sleep():
+        return 1
+    cap = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(cap) if cap.isdigit() and int(cap) > 0 else os.cpu_count() or 1

@@ -24,7 +24,7 @@ from teegpu.errors import ConfigError, HandshakeError, ProtocolError, ServerErro
 from teegpu.options import CONTROL_PLANES, DATA_PLANES, DEFAULT_TIMEOUT_MS
 from teegpu.protocol import (
     ATTACHED, DOORBELL, FLAG_SHM, ErrorCode, Header, Hello, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
-    tensor_frame, tensors_from_frames,
+    tensor_frame, tensors_from_frames, with_request_id,
 )
 from teegpu.transport.curve import ClientCurve
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
@@ -35,6 +35,8 @@ TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM)  # answered with one UTF-8 / JSON fra
 NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING)  # part of (re)connecting, not requests to ask again
 TRIES = 3  # a request's deadline is shared by up to this many tries (more when tries fail fast)
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
+MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep on the socket at once
+MAX_PLANS = 256  # request kinds (and reply layouts) remembered per region
 SOCKET_EVERY = 8  # while polling the doorbell, look at the socket every this many turns
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag enums cost microseconds
 
@@ -68,6 +70,17 @@ class Reply:
     received: int
     path: str = "socket"  # socket, shm, doorbell, doorbell-ring (woke the server), ...-slept (reply by socket)
     tries: int = 1  # 2 and more: the request was sent again on a fresh socket (maybe another server)
+
+
+@dataclass(slots=True)
+class _RegionPlan:
+    """Where a request of one kind (op, layer, dtypes and shapes) lies in the region, and its
+    header with request id 0: computed once, as a decode step sends the same few kinds again."""
+
+    views: list  # the region's views that take the request's tensors
+    head: bytes
+    request_end: int
+    sent: int
 
 
 @dataclass(slots=True)
@@ -106,6 +119,8 @@ class RpcClient:
         self._next_id = 1
         self._socket: zmq.Socket | None = None
         self.shm: ShmRegion | None = None
+        self._plans: dict[tuple, _RegionPlan] = {}  # of self.shm; dropped with it
+        self._reply_views: dict[tuple, list] = {}  # (request end, reply descriptors) -> views of self.shm
         self._attached = False
         if data_plane == "shm":
             reason = same_host_reason(self.endpoint)
@@ -126,9 +141,15 @@ class RpcClient:
 
     def _fall_back(self, reason: str) -> None:
         print(f"teegpu: shared-memory data plane unavailable: {reason}; using sockets", file=sys.stderr, flush=True)
+        self._drop_region()
+
+    def _drop_region(self) -> None:
+        """Unmap the region (if any), and forget every view of it."""
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        self._plans.clear()
+        self._reply_views.clear()
 
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -154,9 +175,7 @@ class RpcClient:
 
     def close(self) -> None:
         self._close_socket()
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
+        self._drop_region()
 
     def __enter__(self) -> "RpcClient":
         return self
@@ -170,7 +189,7 @@ class RpcClient:
         self._attached = True
         if not self.shm.owner:  # named no longer: the server we reconnect to needs a new one
             size = self.shm.size
-            self.shm.close()
+            self._drop_region()
             self.shm = ShmRegion.create(size)
         try:
             answer = self._call_once(Op.ATTACH_SHM, 0, (), None, self.shm.name.encode(), None, deadline).payload
@@ -273,18 +292,23 @@ class RpcClient:
         """A request through the doorbell: post it in the region, wake the server over the socket
         only if it sleeps, then poll for the reply (and the socket, where errors and replies too
         large for the region come) for a window adapted to requests of this op and size, then
-        sleep on the socket. A request whose products take longer than MAX_SPIN_NS / 2 sleeps at
-        once: polling would only take a core from the server's threads.
+        sleep on the socket. A request whose products take over MAX_SPIN_NS / 2 (an LM head, a
+        prefill chunk) first naps through three quarters of their recent wait: polling all along
+        would take a core from the server's threads, and a reply by socket costs a wake-up. Those
+        over MAX_NAP_NS / 2 sleep on the socket at once.
         Returns (path, reply frames, sent ns, reply ready ns)."""
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
         window = self.spin_ns.get(kind, MIN_SPIN_NS)
-        bell.set_client(AWAKE if window <= MAX_SPIN_NS else ASLEEP)
+        awake = window <= MAX_NAP_NS
+        bell.set_client(AWAKE if awake else ASLEEP)
         seq = bell.post(request.frames[0])
         if not bell.server_awake():
             self._socket.send_multipart([b"", encode_header(Op.RING, request.rid, 0)])
             path = "doorbell-ring"
         sent = time.perf_counter_ns()
-        spin_end = sent + (window if window <= MAX_SPIN_NS else 0)
+        if awake and window > MAX_SPIN_NS:
+            time.sleep(window * 3 / 8 / 1e9)
+        spin_end = time.perf_counter_ns() + min(window, MAX_SPIN_NS) if awake else sent
         for look in itertools.count():
             if bell.replied(seq):
                 return path, [bell.reply_header()], sent, self._learn(kind, sent)
@@ -315,6 +339,13 @@ class RpcClient:
         """The request's frames: its tensors go into the shared region when it has room, else inline."""
         rid = self._next_id
         self._next_id += 1
+        if self.shm is not None and tensors and payload is None:
+            key = (op, layer, dtype, *[(t.dtype, t.shape) for t in tensors])
+            plan = self._plans.get(key) or self._plan(key, op, layer, tensors, dtype)
+            if plan is not None:
+                for view, t in zip(plan.views, tensors):
+                    view.copy_(t)
+                return _Request(rid, [with_request_id(plan.head, rid)], plan.request_end, plan.sent)
         descs = [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors]
         request_end = 0
         if self.shm is not None and descs:
@@ -332,6 +363,19 @@ class RpcClient:
             body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
         sent = len(head) + sum(memoryview(b).nbytes for b in body) + sum(d.nbytes for d in descs) * bool(request_end)
         return _Request(rid, [head, *body], request_end, sent)
+
+    def _plan(self, key: tuple, op: int, layer: int, tensors, dtype) -> _RegionPlan | None:
+        """The region plan of a request of this kind (None when it does not fit: it goes inline)."""
+        descs = [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors]
+        offsets, end = shm_offsets(descs)
+        if end > self.shm.size:
+            return None
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        head = encode_header(op, 0, layer, descs, flags=FLAG_SHM)
+        views = [self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(descs, offsets)]
+        plan = self._plans[key] = _RegionPlan(views, head, end, len(head) + sum(d.nbytes for d in descs))
+        return plan
 
     def _unpack(self, frames: list, request_end: int) -> tuple[Header, list, bytes]:
         """(header, tensors, text payload) of a reply; raise ServerError for an error reply."""
@@ -353,11 +397,18 @@ class RpcClient:
 
     def _shm_reply(self, rhead: Header, request_end: int, nframes: int) -> list[torch.Tensor]:
         """Views of the reply's tensors, which the server placed after our request."""
+        views = self._reply_views.get((request_end, rhead.tensors))
+        if views is not None and nframes == 1:
+            return views
         offsets, end = reply_offsets(request_end, rhead.tensors)
         if self.shm is None or not request_end or nframes != 1 or end > self.shm.size:
             raise ProtocolError(ErrorCode.BAD_SHM, f"server put a reply of {end - offsets[0]} bytes in the "
                                 "shared region where none was expected or it does not fit")
-        return [self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(rhead.tensors, offsets)]
+        if len(self._reply_views) >= MAX_PLANS:
+            self._reply_views.clear()
+        views = self._reply_views[request_end, rhead.tensors] = [
+            self.shm.tensor(off, d.dtype, d.shape) for d, off in zip(rhead.tensors, offsets)]
+        return views
 
     def _receive(self, rid: int, op: int, deadline: float) -> tuple[list, int]:
         """The reply to request `rid` (its frames' buffers) and the perf_counter_ns at which it was
