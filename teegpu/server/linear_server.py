@@ -14,6 +14,7 @@ import torch
 from teegpu.config import ServerConfig
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
+from teegpu.model.products import linear
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
     ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
@@ -230,7 +231,7 @@ class LinearServer:
         if op in ATTENTION_OPS:
             result = torch.bmm(xs[0], xs[1], out=out if on_cpu else None)
         else:
-            result = torch.mm(xs[0], self.weights[op, layer].t(), out=out if on_cpu else None)
+            result = linear(xs[0], self.weights[op, layer], out=out if on_cpu else None)
         if out is not None and not on_cpu:
             out.copy_(result)
             return out

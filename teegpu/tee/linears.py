@@ -4,9 +4,9 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from teegpu.errors import ConfigError, HandshakeError, IntegrityError
+from teegpu.model.products import linear
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
@@ -28,7 +28,7 @@ class LocalLinears:
         self.weights = dict(weights.served(dtype))
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weights[op, layer])
+        return linear(x, self.weights[op, layer])
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
