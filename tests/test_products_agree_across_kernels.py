@@ -37,6 +37,12 @@ def test_the_product_lands_in_out():
     assert torch.equal(out, linear(x, w))
 
 
-def test_reduced_precision_is_torch_mm_exactly():
-    x, w = torch.randn(8, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
-    assert torch.equal(linear(x, w), torch.mm(x, w.t()))
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_bfloat16_is_torch_mm_exactly_packed_or_not(rows):
+    """A packed bf16 weight (oneDNN's blocked layout, read twice as fast) gives torch.mm's bits."""
+    x, w = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
+    want = torch.mm(x, w.t())
+    assert torch.equal(linear(x, w), want)
+    packed = products.pack(w)
+    assert torch.equal(linear(x, packed), want)
+    assert products.pack(torch.randn(4, 4)).is_mkldnn is False  # float32 weights stay as they are

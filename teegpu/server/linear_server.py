@@ -14,7 +14,7 @@ import torch
 from teegpu.config import ServerConfig
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
-from teegpu.model.products import linear
+from teegpu.model.products import linear, pack
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
     ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
@@ -68,7 +68,7 @@ class LinearServer:
             self.weights = {key: w.to(device) for key, w in quantized.weights.items()}
         else:
             for key, w in weights.served(dtype):  # read in the served dtype, one weight at a time
-                self.weights[key] = w.to(device)
+                self.weights[key] = pack(w.to(device))
         self.device, self.dtype = device, dtype
         self.shapes = weights.served_shapes()  # (d_out, d_in)
         self.requests = 0

@@ -6,7 +6,7 @@ import time
 import torch
 
 from teegpu.errors import ConfigError, HandshakeError, IntegrityError
-from teegpu.model.products import linear
+from teegpu.model.products import linear, pack
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
@@ -25,7 +25,7 @@ class LocalLinears:
     telemetry = None
 
     def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
-        self.weights = dict(weights.served(dtype))
+        self.weights = {key: pack(w) for key, w in weights.served(dtype)}
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weights[op, layer])
