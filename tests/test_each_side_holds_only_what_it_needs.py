@@ -4,7 +4,8 @@ what keeps the trusted side inside an enclave; `python -m bench seed` reports th
 The tensors an object holds are counted by walking its attributes (teegpu objects, lists,
 tuples, dicts): the plain trusted side holds no linear weight; the otp trusted side and the otp
 server hold each linear weight only as int8 halves (2 bytes a parameter); a plain server holds
-each weight once, in its served dtype.
+each weight once, in its served dtype (bfloat16 ones packed for oneDNN: an opaque tensor whose
+storage torch does not show, counted by its elements).
 """
 import math
 
@@ -26,7 +27,7 @@ def tensors_held(root) -> list[torch.Tensor]:
             continue
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            found.setdefault(obj.untyped_storage().data_ptr(), obj)
+            found.setdefault(("opaque", id(obj)) if obj.is_mkldnn else obj.untyped_storage().data_ptr(), obj)
         elif isinstance(obj, dict):
             stack += list(obj.values())
         elif isinstance(obj, (list, tuple, set)):
@@ -38,7 +39,7 @@ def tensors_held(root) -> list[torch.Tensor]:
 
 
 def nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    return t.numel() * t.element_size() if t.is_mkldnn else t.untyped_storage().nbytes()
 
 
 def linear_shapes(weights) -> set[tuple[int, int]]:
@@ -93,3 +94,4 @@ def test_server_holds_each_weight_once_in_its_served_form(tiny_weights, privacy,
     else:
         assert {t.dtype for t in weights} == {WIRE_DTYPES[dtype]}
         assert sum(nbytes(t) for t in weights) == linear_params(tiny_weights) * WIRE_DTYPES[dtype].itemsize
+        assert all(t.is_mkldnn == (dtype == "bfloat16" and torch.backends.mkldnn.is_available()) for t in weights)
