@@ -346,23 +346,13 @@ class RpcClient:
                 for view, t in zip(plan.views, tensors):
                     view.copy_(t)
                 return _Request(rid, [with_request_id(plan.head, rid)], plan.request_end, plan.sent)
-        descs = [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors]
-        request_end = 0
-        if self.shm is not None and descs:
-            offsets, end = shm_offsets(descs)
-            if end <= self.shm.size:
-                request_end = end
-                for t, d, off in zip(tensors, descs, offsets):
-                    self.shm.tensor(off, d.dtype, d.shape).copy_(t)
-        head = encode_header(op, rid, layer, descs, flags=FLAG_SHM if request_end else 0)
+        # inline: no region, or the request does not fit in it
+        head = encode_header(op, rid, layer, [TensorDesc(dtype or t.dtype, tuple(t.shape)) for t in tensors])
         if payload is not None:
             body = [payload]
-        elif request_end:
-            body = []
         else:
             body = [tensor_frame(t.to(dtype) if dtype is not None else t) for t in tensors]
-        sent = len(head) + sum(memoryview(b).nbytes for b in body) + sum(d.nbytes for d in descs) * bool(request_end)
-        return _Request(rid, [head, *body], request_end, sent)
+        return _Request(rid, [head, *body], 0, len(head) + sum(memoryview(b).nbytes for b in body))
 
     def _plan(self, key: tuple, op: int, layer: int, tensors, dtype) -> _RegionPlan | None:
         """The region plan of a request of this kind (None when it does not fit: it goes inline)."""
