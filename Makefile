@@ -6,6 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
+# The fidelity tests run twice: on this host's own ISA, and as on an AVX2-only host (oneDNN, MKL and
+# ATen capped), so that green here means green on either kind of CPU (docs/fidelity.md).
+AVX2_HOST := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
+FIDELITY := tests/test_split_equals_in_process.py tests/test_products_agree_across_kernels.py \
+	tests/test_reduced_precision_matches_reference.py tests/test_split_matches_reference.py \
+	tests/test_otp_exactness.py
+
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-deps -r requirements.lock
@@ -19,6 +26,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+	$(AVX2_HOST) $(PY) -m pytest -q $(FIDELITY)
 
 clean:
 	rm -rf $(VENV)

@@ -81,7 +81,8 @@ class EngineConfig:
     model: str | None = option(None, "GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     server: str | None = option(None, "endpoint of a running server, or several, comma-separated: a pool used "
                                 "one at a time, failing over (default: start a private one)")
-    local: bool = option(False, "TEE-only baseline: no server, compute everything here")
+    local: bool = option(False, "TEE-only baseline: no server, compute everything here (with --privacy otp: "
+                         "the same integer products, unpadded: what the split otp run equals bit for bit)")
     # dtype of the products, on the wire and of the trusted side's activations (as transformers
     # runs a model in that dtype); with `server`, the server's dtype decides
     dtype: str = option("float32", "dtype of the started server and of the trusted activations", choices=DTYPES)
@@ -115,8 +116,6 @@ class EngineConfig:
         if self.privacy == "otp" and self.offload_attention:
             raise ConfigError("--offload-attention sends Q*K^T and P*V in clear: it cannot be combined with "
                               "--privacy otp")
-        if self.privacy == "otp" and self.local:
-            raise ConfigError("--privacy otp pads what goes to a server; local (TEE-only) mode has none")
         if (self.curve_secret is None) != (self.curve_server_key is None):
             raise ConfigError("CURVE needs both this client's secret key and the server's public key")
         if self.curve_secret is not None and self.server is None:

@@ -36,14 +36,15 @@ def idle_workers_sleep() -> bool:
     return os.environ.get(OPENMP_WAIT_POLICY, "").strip().upper() == "PASSIVE"
 
 
-THREADED_MACS = 1 << 24  # products of fewer multiply-adds run on one thread (threads_for)
+THREADED_MACS = 1 << 24  # where one thread is best for decode-sized products: smaller ones run on one
 
 
-def threads_for(macs: int, cores: int) -> int:
-    """Threads for a product of `macs` multiply-adds: waking a sleeping OpenMP worker costs tens of
-    microseconds (40 us on our 2-core VM), more than a second thread saves on a decode-sized
-    product (BENCHMARKS.md, the thread choice)."""
-    return cores if macs >= THREADED_MACS else 1
+def threads_for(macs: int, cores: int, threaded_macs: int = THREADED_MACS) -> int:
+    """Threads for a product of `macs` multiply-adds: on hosts where waking a sleeping OpenMP worker
+    costs more than a second thread saves on a decode-sized product (40 us on an AMD EPYC VM),
+    only products of `threaded_macs` or more run on every core; products.threaded_macs measures
+    which kind of host this is (BENCHMARKS.md, the thread choice)."""
+    return cores if macs >= threaded_macs else 1
 
 
 def rpcs_per_forward(num_layers: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -239,6 +239,7 @@ class Hello:
     privacy: str
     ring_fingerprint: str | None  # otp: of the integer weights and scales
     config: dict  # the model's ModelConfig.to_dict()
+    kernels: dict = field(default_factory=dict)  # products.Kernels of a CPU server, or the CUDA device
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -38,11 +38,56 @@ def test_the_product_lands_in_out():
 
 
 @pytest.mark.parametrize("rows", [1, 8, 300])
-def test_bfloat16_is_torch_mm_exactly_packed_or_not(rows):
-    """A packed bf16 weight (oneDNN's blocked layout, read twice as fast) gives torch.mm's bits."""
+def test_bfloat16_products_packed_or_not_are_the_product_up_to_bfloat16_rounding(rows):
+    """Packed (oneDNN's blocked layout) or not, a bf16 product is the exact one up to bf16 rounding
+    of the result; the two kernels may differ in the last bit (AMX blocks a 300-row product
+    otherwise than torch.mm does), which is why the split and in-process sides share `pack`."""
     x, w = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(3072, 576, dtype=torch.bfloat16)
-    want = torch.mm(x, w.t())
-    assert torch.equal(linear(x, w), want)
-    packed = products.pack(w)
-    assert torch.equal(linear(x, packed), want)
+    want = x.double() @ w.double().T
+    bound = 2.0 ** -8 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    for weight in (w, products.pack(w)):
+        assert ((linear(x, weight).double() - want).abs() <= bound).all()
     assert products.pack(torch.randn(4, 4)).is_mkldnn is False  # float32 weights stay as they are
+
+
+def test_a_host_that_cannot_pack_bfloat16_keeps_the_weight(monkeypatch):
+    monkeypatch.setattr(products, "packs_bfloat16", lambda: False)
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    assert products.pack(w) is w
+
+
+@pytest.mark.parametrize("rows", [1, 6, 40])
+def test_a_product_has_the_same_bits_in_every_process(rows):
+    """Threads are part of a product's bits; every process takes product_threads for its size,
+    measured once per host: the in-process engine and the server agree."""
+    x, w = torch.randn(rows, 576), torch.randn(576, 576)
+    threads = products.product_threads(rows * 576 * 576, 2)
+    assert threads in (1, 2) and threads == products.product_threads(rows * 576 * 576, 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        first = linear(x, w)
+        assert torch.equal(first, linear(x, w))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_isa_comes_from_the_flags_and_the_cap():
+    amx = {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+           "amx_tile", "amx_int8", "amx_bf16"}
+    assert products.cpu_isa(amx, "") == "avx512_core_amx"
+    assert products.cpu_isa(amx - {"amx_tile"}, "") == "avx512_core_bf16"
+    assert products.cpu_isa(amx, "AVX2") == "avx2"
+    assert products.cpu_isa(amx, "avx512_core_bf16") == "avx512_core_bf16"
+    assert products.cpu_isa(amx, "ALL") == "avx512_core_amx"
+    assert products.cpu_isa({"avx2", "fma"}, "AVX512_CORE_AMX") == "avx2"  # a cap never adds what the CPU lacks
+    assert products.cpu_isa(set(), "") == "sse41"
+
+
+def test_the_kernel_report_names_what_ran():
+    report = products.kernels()
+    assert report.isa == products.cpu_isa()
+    if products._ONEDNN is not None:
+        assert "matmul" in report.float32_large or "inner_product" in report.float32_large
+    assert report.float32_small.startswith("torch.mm")
+    assert report.threaded_macs == products.threaded_macs()

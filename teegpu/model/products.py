@@ -1,27 +1,110 @@
-"""x W^T for whoever holds W (the server, or the TEE-only trusted side), with the faster CPU
-kernel for its size.
+"""x W^T for whoever holds W (the server, or the TEE-only trusted side), with the CPU kernel the
+host supports, chosen by what the CPU has (its ISA) and never by timing, so that two processes
+on one host always pick the same kernel for the same product: the split's results are the
+in-process engine's bit for bit (docs/fidelity.md).
 
-On our CPU (AMD EPYC) torch's float32 GEMM (MKL's sgemm) runs at about half the speed of
-oneDNN's for anything but a one-row product by a small weight: a 512-row prefill product 2.2x
-slower, an LM head over one row 2.8x, a batched 8-row decode product 1.6x (BENCHMARKS.md).
-Reduced precision already goes to oneDNN inside torch.mm, which reads the weight as given;
-`pack` puts a bfloat16 weight once in oneDNN's blocked layout instead: one-row products 1.5-2.5x
-faster, the same bits as torch.mm. For float32 the two kernels sum in other orders: results
-differ in the last bits (float32 rounding), never more.
+- float32: products of at least ONEDNN_MACS multiply-adds on oneDNN's matmul (on an AMD EPYC
+  MKL's sgemm ran at half its speed), smaller ones on torch.mm (MKL). Both are float32 sums in
+  some order: results differ between the two kernels in the last bits, never more.
+- bfloat16: the weight packed once in oneDNN's blocked layout (`pack`), where the host's oneDNN
+  can (AVX512-BF16 / AMX, or AVX-512 emulation); elsewhere (an AVX2-only host, or
+  ONEDNN_MAX_CPU_ISA=AVX2) as it is, through torch.mm.
+- float16: torch.mm (oneDNN with AVX512-FP16 / AMX-FP16, ATen's kernel elsewhere).
+- int8 (the otp mode's digit products, teegpu.ring): torch._int_mm, oneDNN's s8 GEMM (VNNI, or
+  AMX tiles where the CPU has them; exact on every ISA: int32 sums never overflow).
+`kernels()` reports the ISA and the implementation each product ran on (oneDNN's own words).
+
+Threads: a product's thread count is part of its result (MKL sums a few-row float32 product in
+another order on two threads than on one), so every process on a host gives a product of a given
+size the same count (`product_threads`), from one measurement per host (`threaded_macs`).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
 import torch
+
+from teegpu.options import THREADED_MACS, threads_for
 
 ONEDNN_MACS = 1 << 22  # float32 products of at least this many multiply-adds go to oneDNN
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN is not None else None
 
+# oneDNN's ISA levels, each including the ones before it (the names ONEDNN_MAX_CPU_ISA takes)
+ISA_LEVELS = ("sse41", "avx2", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
+_LEVEL_FLAGS = {  # /proc/cpuinfo flags a level needs
+    "avx2": {"avx2", "fma"},
+    "avx512_core": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+    "avx512_core_vnni": {"avx512_vnni"},
+    "avx512_core_bf16": {"avx512_bf16"},
+    "avx512_core_amx": {"amx_tile", "amx_int8", "amx_bf16"},
+}
+_CAP_LEVELS = {  # ONEDNN_MAX_CPU_ISA values (upper case) -> the highest of our levels they allow
+    "SSE41": "sse41", "AVX": "sse41", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
+    "AVX512_CORE": "avx512_core", "AVX512_CORE_VNNI": "avx512_core_vnni",
+    "AVX512_CORE_BF16": "avx512_core_bf16", "AVX512_CORE_FP16": "avx512_core_bf16",
+    "AVX10_1_512": "avx512_core_bf16",
+}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None, cap: str | None = None) -> str:
+    """The highest oneDNN ISA level this host lets oneDNN use: what the CPU has, capped by
+    ONEDNN_MAX_CPU_ISA as oneDNN caps itself (an unknown cap such as ALL caps nothing)."""
+    flags = cpu_flags() if flags is None else flags
+    level = "sse41"
+    for name in ISA_LEVELS[1:]:
+        if not _LEVEL_FLAGS[name] <= flags:
+            break
+        level = name
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "") if cap is None else cap
+    capped = _CAP_LEVELS.get(cap.strip().upper())
+    if capped is not None and ISA_LEVELS.index(capped) < ISA_LEVELS.index(level):
+        return capped
+    return level
+
+
+@functools.cache
+def packs_bfloat16() -> bool:
+    """Whether this host's oneDNN takes a bfloat16 weight in its blocked layout: tried once on a
+    small weight (the reorder refuses without AVX512-BW/VL/DQ or AVX-NE-CONVERT)."""
+    if _REORDER is None:
+        return False
+    try:
+        _ONEDNN(torch.ones(1, 32, dtype=torch.bfloat16), _REORDER(torch.ones(16, 32, dtype=torch.bfloat16), 1),
+                None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight as `linear` reads it fastest: a bfloat16 weight on the CPU in oneDNN's blocked
-    layout (an opaque tensor only `linear` uses), anything else as it is."""
-    if _REORDER is not None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+    layout where the host supports it (an opaque tensor only `linear` uses), else as it is."""
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and packs_bfloat16():
         return _REORDER(weight.contiguous(), 1)
     return weight
 
@@ -33,3 +116,130 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         y = _ONEDNN(x.contiguous(), weight, None, "none", [], "")
         return y if out is None else out.copy_(y)
     return torch.mm(x, weight.t(), out=out)
+
+
+@functools.cache
+def threaded_macs() -> int:
+    """Products of at least this many multiply-adds run on every core, smaller ones on one.
+    Measured once per host (CPU model, cores, OpenMP wait policy, torch) and kept in the teegpu
+    cache, under a lock, so that every process on the host (the server, the in-process engine)
+    gives a product the same threads and so the same bits. Delete the file to measure again."""
+    from teegpu.model.loading import cache_root
+
+    cores = torch.get_num_threads()
+    if cores == 1:
+        return THREADED_MACS
+    host = [_cpu_model(), cores, os.environ.get("OMP_WAIT_POLICY", ""), torch.__version__, cpu_isa()]
+    path = cache_root() / f"threads-{hashlib.sha256(json.dumps(host).encode()).hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return json.loads(path.read_text())["threaded_macs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            macs = _measure_threaded_macs(cores)
+            path.write_text(json.dumps({"host": host, "threaded_macs": macs}))
+            return macs
+
+
+def _measure_threaded_macs(cores: int) -> int:
+    """0 (every product on every core) where a decode step's one-row products, streamed from memory
+    as a step streams the weights, run at least 1.25x faster on every core than on one (hosts
+    whose cores each draw little memory bandwidth); else THREADED_MACS (waking a sleeping worker
+    costs more than a second core saves on such a product: 40 us on an AMD EPYC)."""
+    weights = [torch.full((1536, 576), 0.5) for _ in range(32)]  # 113 MB: more than a last-level cache
+    x = torch.randn(1, 576)
+
+    def pass_s(threads: int) -> float:
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for w in weights:
+            torch.mm(x, w.t())
+        return time.perf_counter() - start
+
+    try:
+        pass_s(1), pass_s(cores)
+        one, every = min(pass_s(1) for _ in range(5)), min(pass_s(cores) for _ in range(5))
+    finally:
+        torch.set_num_threads(cores)
+    return 0 if every * 1.25 <= one else THREADED_MACS
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def product_threads(macs: int, cores: int) -> int:
+    """Threads for a product of `macs` multiply-adds, the same in every process on this host."""
+    return threads_for(macs, cores, threaded_macs())
+
+
+@dataclass(frozen=True, slots=True)
+class Kernels:
+    """What this process computes its products with: the ISA level and, per product kind, the
+    implementation that ran it (oneDNN's primitive:implementation, or torch's own kernel)."""
+
+    isa: str
+    threaded_macs: int  # products this large run on every core (product_threads)
+    float32_small: str
+    float32_large: str
+    bfloat16: str
+    float16: str
+    int8: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.cache
+def kernels() -> Kernels:
+    """Runs one small product of each kind under oneDNN's verbose mode and reads which
+    implementation took it (e.g. brg_matmul:avx512_core_amx). Also asks the kernel for the AMX
+    tile permission where the CPU has AMX, so that oneDNN may use the tiles."""
+    isa = cpu_isa()
+    if isa == "avx512_core_amx" and hasattr(torch._C._cpu, "_init_amx"):
+        torch._C._cpu._init_amx()
+    x, w = torch.randn(8, 64), torch.randn(64, 64)
+    big = torch.randn(ONEDNN_MACS // (8 * 64), 64)
+    xb, wb = x.bfloat16(), pack(w.bfloat16())
+    xi, wi = torch.ones(32, 64, dtype=torch.int8), torch.ones(64, 64, dtype=torch.int8)
+    runs = {"float32_small": lambda: linear(x, w), "float32_large": lambda: linear(x, big),
+            "bfloat16": lambda: linear(xb, wb), "float16": lambda: linear(x.half(), w.half()),
+            "int8": lambda: torch._int_mm(xi, wi)}
+    fallback = {"float32_small": "torch.mm:mkl" if torch.backends.mkl.is_available() else "torch.mm"}
+    return Kernels(isa=isa, threaded_macs=threaded_macs(), **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
+
+
+_EXEC = re.compile(r"onednn_verbose,[^,]*,?primitive,exec,cpu,(\w+),([^,]*),")
+
+
+def _implementation(run, fallback: str) -> str:
+    """oneDNN's name for the implementation that `run` executed (`fallback` if oneDNN ran none)."""
+    if not torch.backends.mkldnn.is_available():
+        return fallback
+    with tempfile.TemporaryFile(prefix="teegpu-onednn-") as log:
+        with _stdout_to(log.fileno()), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            run()
+        log.seek(0)
+        found = _EXEC.findall(log.read().decode(errors="replace"))
+    return ";".join(f"{kind}:{impl}" if impl else kind for kind, impl in found) or fallback
+
+
+@contextlib.contextmanager
+def _stdout_to(fd: int):
+    """C-level stdout (where oneDNN's verbose lines go) into `fd` for a moment."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    libc.fflush(None)
+    os.dup2(fd, 1)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -14,7 +14,7 @@ import torch
 from teegpu.config import ServerConfig
 from teegpu.errors import ConfigError, ProtocolError
 from teegpu.model.loading import load_weights
-from teegpu.model.products import linear, pack
+from teegpu.model.products import kernels, linear, pack, product_threads
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
     ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
@@ -22,7 +22,7 @@ from teegpu.protocol import (
     tensors_from_frames, with_request_id,
 )
 from teegpu.ring import quantize_linears, ring_matmul
-from teegpu.options import DEFAULT_SPIN_MAX_US, threads_for
+from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
 from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
 
@@ -56,6 +56,8 @@ class LinearServer:
     def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True,
                  privacy: str = "plain", doorbell: bool = True):
         self.config = weights.config
+        # before any weight is packed: probes the kernels (and asks for AMX tiles where present)
+        self.kernels = kernels().as_dict() if device.type == "cpu" else {"cuda": torch.cuda.get_device_name(device)}
         self.allow_shm = allow_shm
         self.fingerprint = weights.fingerprint
         self.privacy = privacy
@@ -76,13 +78,13 @@ class LinearServer:
         self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks
         self.handled: dict[bytes, int] = {}  # by client: the last doorbell sequence number answered
         self.doorbell = doorbell  # poll the attached regions' doorbells
-        self.max_threads = self.threads = torch.get_num_threads()  # per product: threads_for its size
+        self.max_threads = self.threads = torch.get_num_threads()  # per product: product_threads of its size
         self.plans: dict[tuple, _Plan] = {}  # (client, request kind) -> views and reply; dropped at any attach
 
     def hello(self) -> Hello:
         return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
                      dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), privacy=self.privacy,
-                     ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict())
+                     ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict(), kernels=self.kernels)
 
     def handle(self, msg: Incoming) -> tuple[bytes, list] | None:
         """Answer one request (None for RING, which only wakes us); raise ProtocolError for anything malformed."""
@@ -243,7 +245,7 @@ class LinearServer:
             macs = a.numel() * b.shape[-1]
         else:
             macs = inputs[0].shape[0] * self.shapes[op, layer][0] * self.shapes[op, layer][1]
-        threads = threads_for(macs, self.max_threads)
+        threads = product_threads(macs, self.max_threads)
         if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads
@@ -367,7 +369,7 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
             signal.signal(sig, lambda *_: stop.set())
     print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype}, "
           f"data plane {config.data_plane}, control plane {config.control_plane}, privacy {config.privacy}, "
-          f"curve {'on' if curve else 'off'})", flush=True)
+          f"curve {'on' if curve else 'off'}, kernels {server.kernels.get('isa', 'cuda')})", flush=True)
     if ready is not None:
         ready(sock.bound_url)
     try:

@@ -15,6 +15,7 @@ import torch
 from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
+from teegpu.model.products import kernels
 from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep
@@ -41,6 +42,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)  # load_s, prefill_ms, decode_ms_per_token
     rpc: dict = field(default_factory=dict)  # calls, bytes_sent, bytes_received
     logprobs: list = field(default_factory=list)  # with GenerationConfig.logprobs: one entry per token
+    kernels: dict = field(default_factory=dict)  # {"trusted": products.Kernels, "server": the server's}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +92,9 @@ class Engine:
         try:
             weights, tokenizer = load_weights(config.model), load_tokenizer(config.model)
             engine = cls._open_loaded(config, weights, tokenizer, proc)
+            engine.warm_up()
+            if config.rpc_log:
+                engine.telemetry.open(config.rpc_log, run_info(config, engine.hello, engine.client))
         except BaseException:
             if engine is not None:
                 engine.close()
@@ -106,7 +111,9 @@ class Engine:
             if config.threads is not None:
                 torch.set_num_threads(config.threads)
             dtype = WIRE_DTYPES[config.dtype]
-            return cls(weights, tokenizer, LocalLinears(weights, dtype), dtype=dtype,
+            if config.privacy == "otp":  # the integer products in float32 activations, as the split runs them
+                dtype = torch.float32
+            return cls(weights, tokenizer, LocalLinears(weights, dtype, config.privacy), dtype=dtype,
                        offload_attention=config.offload_attention, stop_ids=stop_ids)
         curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
         engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
@@ -116,8 +123,6 @@ class Engine:
                              offload_attention=config.offload_attention, stop_ids=stop_ids)
         engine.server_process = proc
         engine.threads = config.threads or trusted_threads()
-        if config.rpc_log:
-            engine.telemetry.open(config.rpc_log, run_info(config, engine.hello, engine.client))
         return engine
 
     @classmethod
@@ -163,6 +168,14 @@ class Engine:
             return False
 
     # -- the forward pass --
+
+    def warm_up(self) -> None:
+        """A two-token prefill and a decode step on a scratch cache, so that one-time set-up (the
+        kernels' code generation, the shared region's request plans, the polling windows) is paid
+        while loading, not by the first prompt."""
+        cache = self.new_cache(3)
+        self.forward([0, 0], 0, cache)
+        self.forward([0], 2, cache)
 
     def cache_bytes(self, positions: int) -> int:
         return KVCache.nbytes_for(self.config, positions, self.dtype)
@@ -257,7 +270,15 @@ class Engine:
         if seq.error is not None:
             raise seq.error
         timings, rpc = clock.report(seq, self.load_s)
-        return GenerationResult(seq.text, seq.out, len(ids), seq.finish_reason, timings, rpc, seq.logprobs)
+        return GenerationResult(seq.text, seq.out, len(ids), seq.finish_reason, timings, rpc, seq.logprobs,
+                                self.kernels())
+
+    def kernels(self) -> dict:
+        """Which kernels compute: this process's, and the server's as its HELLO said."""
+        report = {"trusted": kernels().as_dict()}
+        if self.hello is not None:
+            report["server"] = self.hello.kernels
+        return report
 
     def rpc_summary(self) -> dict:
         """Calls, bytes and the time breakdown of every RPC so far (empty without a server)."""

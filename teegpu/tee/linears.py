@@ -6,11 +6,11 @@ import time
 import torch
 
 from teegpu.errors import ConfigError, HandshakeError, IntegrityError
-from teegpu.model.products import linear, pack
+from teegpu.model.products import kernels, linear, pack, product_threads
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
-from teegpu.ring import quantize_linears, quantize_rows
+from teegpu.ring import quantize_linears, quantize_rows, ring_matmul
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
 from teegpu.tee.mask_pool import MaskPool
 from teegpu.telemetry import RpcTelemetry
@@ -20,15 +20,41 @@ RESCALE_ROWS = 128  # otp: rows rescaled at a time (float64 temporaries of this 
 
 
 class LocalLinears:
-    """The TEE-only baseline: the trusted side multiplies by its own weights."""
+    """The TEE-only baseline: the trusted side multiplies by its own weights, with the server's
+    kernels. In otp mode, the integer products of the ring weights without pads: what
+    OtpLinears returns after unpadding, so the split equals this bit for bit (docs/fidelity.md)."""
 
     telemetry = None
 
-    def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32):
-        self.weights = {key: pack(w) for key, w in weights.served(dtype)}
+    def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32, privacy: str = "plain"):
+        kernels()  # before packing: probes the kernels (and asks for AMX tiles where present)
+        self.cores = torch.get_num_threads()  # products take product_threads of these, as on the server
+        self.shapes = weights.served_shapes()
+        self.scales = None
+        if privacy == "otp":
+            quantized = quantize_linears(weights)
+            self.weights = quantized.weights
+            self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
+        else:
+            self.weights = {key: pack(w) for key, w in weights.served(dtype)}
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weights[op, layer])
+        if self.scales is not None:
+            return self._ring_linear(op, layer, x)
+        d_out, d_in = self.shapes[op, layer]
+        before, threads = torch.get_num_threads(), product_threads(x.shape[0] * d_out * d_in, self.cores)
+        if threads == before:
+            return linear(x, self.weights[op, layer])
+        torch.set_num_threads(threads)
+        try:
+            return linear(x, self.weights[op, layer])
+        finally:
+            torch.set_num_threads(before)
+
+    def _ring_linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Exact integers: the same bits on any number of threads."""
+        xq, sx = quantize_rows(x)
+        return rescale(ring_matmul(xq, self.weights[op, layer]), sx, self.scales[op, layer], x.dtype)
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
@@ -108,14 +134,7 @@ class OtpLinears(RemoteLinears):
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         xq, sx = quantize_rows(x)
-        y = self.integer_linear(op, layer, xq)
-        # the result takes the front bytes of each row of y, written a block of rows at a time once
-        # that block has been read into float64: no second (T, d_out) buffer
-        out = y.view(x.dtype)[:, :y.shape[1]]
-        for i in range(0, y.shape[0], RESCALE_ROWS):
-            rows = slice(i, i + RESCALE_ROWS)
-            out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(self.scales[op, layer])
-        return out
+        return rescale(self.integer_linear(op, layer, xq), sx, self.scales[op, layer], x.dtype)
 
     def integer_linear(self, op: Op, layer: int, xq: torch.Tensor) -> torch.Tensor:
         """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
@@ -143,6 +162,17 @@ class OtpLinears(RemoteLinears):
     def close(self) -> None:
         self.pool.close()
         super().close()
+
+
+def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float product of an exact integer one (T, d_out), row scales sx, column scales `scale`.
+    The result takes the front bytes of each row of y, written a block of rows at a time once that
+    block has been read into float64: no second (T, d_out) buffer."""
+    out = y.view(dtype)[:, :y.shape[1]]
+    for i in range(0, y.shape[0], RESCALE_ROWS):
+        rows = slice(i, i + RESCALE_ROWS)
+        out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(scale)
+    return out
 
 
 def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> Hello:

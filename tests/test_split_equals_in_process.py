@@ -1,0 +1,88 @@
+"""The split adds no error: for every dtype, privacy mode and plane, the split run's logits are the
+in-process engine's (LocalLinears, `teegpu generate --local`) bit for bit, on whatever CPU the
+tests run on and under any ONEDNN_MAX_CPU_ISA cap (docs/fidelity.md, claim 1)."""
+import pytest
+import torch
+
+from conftest import VARIANTS, connect_engine
+from teegpu.model import products
+from teegpu.model.llama import Segment
+from teegpu.options import DTYPES
+from teegpu.protocol import WIRE_DTYPES
+from teegpu.tee.engine import Engine
+from teegpu.tee.linears import LocalLinears
+
+PROMPT = "Explain why the sky is blue."
+DECODE_STEPS = 4
+CASES = ([(dtype, "plain", variant, "doorbell") for dtype in DTYPES for variant in VARIANTS]
+         + [("float32", "plain", "shm", "socket"), ("bfloat16", "plain", "shm", "socket")]
+         + [("float32", "otp", variant, "doorbell") for variant in ("ipc", "shm")])
+
+
+@pytest.fixture(scope="module")
+def in_process(smollm2):
+    """The in-process engine of a dtype and privacy mode, built on first use."""
+    weights, tok = smollm2
+    engines = {}
+
+    def get(dtype: str, privacy: str) -> Engine:
+        if (dtype, privacy) not in engines:
+            act = torch.float32 if privacy == "otp" else WIRE_DTYPES[dtype]
+            engines[dtype, privacy] = Engine(weights, tok, LocalLinears(weights, act, privacy), dtype=act)
+        return engines[dtype, privacy]
+
+    return get
+
+
+def greedy_logits(engine: Engine, ids: list[int], steps: int) -> list[torch.Tensor]:
+    """Every prefill row's logits, then each greedy decode step's."""
+    cache = engine.new_cache(len(ids) + steps)
+    out = [engine.forward(ids, 0, cache, all_logits=True)]
+    for i in range(steps):
+        out.append(engine.forward([int(out[-1][-1].argmax())], len(ids) + i, cache))
+    return out
+
+
+@pytest.mark.parametrize("dtype, privacy, variant, control", CASES)
+def test_split_logits_are_the_in_process_logits_bit_for_bit(dtype, privacy, variant, control, smollm2,
+                                                             smollm2_servers, in_process):
+    weights, tok = smollm2
+    kw = dict(verify=True, mask_pool_rows=48) if privacy == "otp" else {}
+    split = connect_engine(weights, tok, smollm2_servers, variant, dtype=dtype, privacy=privacy,
+                           control_plane=control, **kw)
+    local = in_process(dtype, privacy)
+    assert split.dtype == local.dtype
+    ids = local.encode(PROMPT, chat=True)
+    for step, (got, want) in enumerate(zip(greedy_logits(split, ids, DECODE_STEPS),
+                                           greedy_logits(local, ids, DECODE_STEPS))):
+        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max().item()}"
+    split.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_batched_step_is_the_in_process_step_bit_for_bit(dtype, smollm2, smollm2_servers, in_process):
+    """The API's packed step: one sequence's prompt rows and another's decode row together."""
+    weights, tok = smollm2
+    split, local = connect_engine(weights, tok, smollm2_servers, "shm", dtype=dtype), in_process(dtype, "plain")
+    a, b = local.encode("The capital of France is"), local.encode("def fibonacci(n):")
+    results = []
+    for engine in (split, local):
+        ca, cb = engine.new_cache(len(a)), engine.new_cache(len(b) + 1)
+        engine.forward(b, 0, cb)
+        segments = [Segment(ca, 0, len(a)), Segment(cb, len(b), 1)]
+        results.append(engine.forward_packed(a + [b[-1]], segments, None))
+    assert torch.equal(*results)
+    split.close()
+
+
+def test_the_comparison_can_fail(smollm2, smollm2_servers, in_process, monkeypatch):
+    """Control: the in-process engine on the other float32 kernel (MKL for the large products too)
+    gives other bits, so bitwise equality above is not a property of any two runs."""
+    weights, tok = smollm2
+    split = connect_engine(weights, tok, smollm2_servers, "ipc")
+    local = in_process("float32", "plain")
+    ids = local.encode(PROMPT, chat=True)
+    assert torch.equal(greedy_logits(split, ids, 0)[0], greedy_logits(local, ids, 0)[0])
+    monkeypatch.setattr(products, "ONEDNN_MACS", 1 << 62)
+    assert not torch.equal(greedy_logits(split, ids, 0)[0], greedy_logits(local, ids, 0)[0])
+    split.close()
