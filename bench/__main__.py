@@ -1,6 +1,7 @@
 """`python -m bench`: the side-by-side benchmark (bench/suite.py); `python -m bench serve`: many
 users through the HTTP API (bench/serve.py); `python -m bench soak`: clients under server
-faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py)."""
+faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py);
+`python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -13,6 +14,10 @@ if sys.argv[1:2] == ["serve"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["seed"]:
     from bench.seed import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["contention"]:
+    from bench.contention import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["soak"]:

@@ -81,3 +81,13 @@ def test_seed_workload_bench_runs_every_mode(tiny_model_dir):
     assert modes["split otp"]["bytes_per_forward"] > modes["split float32"]["bytes_per_forward"]  # int64 on the wire
     table = seed.format_table(res)
     assert "split otp" in table and f"expected RPCs here {rpcs_per_forward(3)}" in table
+
+
+def test_contention_bench_measures_both_loads(tiny_model_dir):
+    from bench import contention
+
+    res = contention.measure(str(tiny_model_dir), "float32", tokens=3, repeats=1)
+    assert set(res["figures"]) == {"idle", "one core busy"}
+    for f in res["figures"].values():
+        assert f["split"] > 0 and f["in-process"] > 0 and f["ratio"] == f["split"] / f["in-process"]
+    assert res["kernels"]["isa"]

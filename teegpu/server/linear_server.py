@@ -24,7 +24,7 @@ from teegpu.protocol import (
 from teegpu.ring import quantize_linears, ring_matmul
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
-from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
+from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 MAX_PLANS = 1024  # validated request kinds remembered (all regions together)
@@ -258,15 +258,16 @@ class LinearServer:
         adapted to the traffic after the last request; then announce sleep, look once more, and
         block on the socket (a client rings there when it sees us asleep)."""
         window = SpinWindow(spin_max_us if self.doorbell else 0)
+        cpu_wait = CpuWait()
         with torch.inference_mode():
-            self._serve_until(sock, stop, window, poll_ms, busy_poll_us)
+            self._serve_until(sock, stop, window, cpu_wait, poll_ms, busy_poll_us)
 
-    def _serve_until(self, sock: ServerSocket, stop: threading.Event, window: "SpinWindow", poll_ms: int,
-                     busy_poll_us: int) -> None:
+    def _serve_until(self, sock: ServerSocket, stop: threading.Event, window: "SpinWindow", cpu_wait: CpuWait,
+                     poll_ms: int, busy_poll_us: int) -> None:
         while not stop.is_set():
             if self._serve_doorbells(sock) or self._serve_socket(sock, 0):
                 window.busy()
-            elif window.open() and self.regions:
+            elif window.open() and self.regions and not cpu_wait.contended():
                 relax()
             elif self._sleep(sock, poll_ms, busy_poll_us):
                 window.busy()

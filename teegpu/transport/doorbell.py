@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 
 from teegpu.errors import ProtocolError
 from teegpu.protocol import CONTROL_BYTES, ErrorCode
@@ -52,6 +53,46 @@ def relax() -> None:
     """One pause of a polling loop: give the core to whoever needs it (on 2 cores the other side's
     compute threads), and come back at once if nobody does."""
     os.sched_yield()
+
+
+class CpuWait:
+    """Whether the calling thread has lately waited for a CPU: the share of wall time it spent
+    runnable but not running, from the kernel's schedstat, read every INTERVAL_NS. On a host
+    whose cores other tenants keep busy, a side that polls takes the core from whoever computes
+    there, so it sleeps on its socket instead, for at least HOLD_NS (docs/architecture.md)."""
+
+    INTERVAL_NS, HOLD_NS = 100_000_000, 2_000_000_000
+    SHARE = 0.25  # waited this share of the interval or more: the cores are oversubscribed
+
+    def __init__(self):
+        self.next_ns = self.last_ns = self.until_ns = 0
+        self.last_wait = None
+        self.state = False
+
+    def contended(self) -> bool:
+        now = time.perf_counter_ns()
+        if now < self.next_ns:
+            return self.state
+        wait = _run_queue_wait_ns()
+        if wait is None:  # no schedstat (not Linux): never contended
+            self.next_ns = now + self.HOLD_NS * 1000
+            return False
+        if self.last_wait is not None:
+            if (wait - self.last_wait) >= self.SHARE * (now - self.last_ns):
+                self.state, self.until_ns = True, now + self.HOLD_NS
+            elif now >= self.until_ns:
+                self.state = False
+        self.last_wait, self.last_ns, self.next_ns = wait, now, now + self.INTERVAL_NS
+        return self.state
+
+
+def _run_queue_wait_ns() -> int | None:
+    """Nanoseconds this thread has spent waiting on a run queue (schedstat's second field)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Doorbell:

@@ -27,7 +27,7 @@ from teegpu.protocol import (
     tensor_frame, tensors_from_frames, with_request_id,
 )
 from teegpu.transport.curve import ClientCurve
-from teegpu.transport.doorbell import ASLEEP, AWAKE, relax
+from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
 from teegpu.transport.endpoint import Endpoint, parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
@@ -107,6 +107,7 @@ class RpcClient:
         self.want_doorbell = control_plane == "doorbell"
         self.doorbell = False  # the server polls our region's doorbell (said in its ATTACH_SHM reply)
         self.spin_ns: dict[tuple, float] = {}  # per (op, request bytes): how long to poll for a reply
+        self.cpu_wait = CpuWait()  # on oversubscribed cores: no polling, sleep on the socket
         self.endpoints = [parse_endpoint(e.strip()) for e in
                           (endpoint.split(",") if isinstance(endpoint, str) else endpoint)]
         self._current = 0
@@ -299,7 +300,7 @@ class RpcClient:
         Returns (path, reply frames, sent ns, reply ready ns)."""
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
         window = self.spin_ns.get(kind, MIN_SPIN_NS)
-        awake = window <= MAX_NAP_NS
+        awake = window <= MAX_NAP_NS and not self.cpu_wait.contended()
         bell.set_client(AWAKE if awake else ASLEEP)
         seq = bell.post(request.frames[0])
         if not bell.server_awake():
