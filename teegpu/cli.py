@@ -92,7 +92,7 @@ def run_generate(args) -> int:
 
     config, gen = from_args(EngineConfig, args), from_args(GenerationConfig, args)
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-    with Engine.open(config) as engine:
+    with Engine.open(config, warm_up=True) as engine:
         result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text)
         if not args.json:
             print(flush=True)  # end the streamed line before the server's exit message

@@ -76,8 +76,9 @@ class Engine:
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
 
     @classmethod
-    def open(cls, config: EngineConfig) -> "Engine":
-        """Load the model on the trusted side and connect to (or start) the GPU server."""
+    def open(cls, config: EngineConfig, warm_up: bool = False) -> "Engine":
+        """Load the model on the trusted side and connect to (or start) the GPU server; with
+        `warm_up`, end with `Engine.warm_up` (counted in load_s, not in the first prompt)."""
         start = time.monotonic()
         if config.server is None and not config.local and under_gramine():
             raise ConfigError("inside Gramine the GPU server runs on the host: start `teegpu serve` there and "
@@ -92,7 +93,8 @@ class Engine:
         try:
             weights, tokenizer = load_weights(config.model), load_tokenizer(config.model)
             engine = cls._open_loaded(config, weights, tokenizer, proc)
-            engine.warm_up()
+            if warm_up:
+                engine.warm_up()
             if config.rpc_log:
                 engine.telemetry.open(config.rpc_log, run_info(config, engine.hello, engine.client))
         except BaseException:
