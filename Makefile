@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test bench clean
 
 # The fidelity tests run twice: on this host's own ISA, and as on an AVX2-only host (oneDNN, MKL and
-# ATen capped), so that green here means green on either kind of CPU (docs/fidelity.md).
+# ATen capped), so that green here means green on either kind of CPU (docs/fidelity.md). The planes
+# do not depend on the ISA: under the cap, shared memory stands for all of them.
 AVX2_HOST := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2
 FIDELITY := tests/test_split_equals_in_process.py tests/test_products_agree_across_kernels.py \
 	tests/test_reduced_precision_matches_reference.py tests/test_split_matches_reference.py \
@@ -26,7 +27,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
-	$(AVX2_HOST) $(PY) -m pytest -q $(FIDELITY)
+	$(AVX2_HOST) $(PY) -m pytest -q $(FIDELITY) -k "not tcp and not ipc"
 
 clean:
 	rm -rf $(VENV)

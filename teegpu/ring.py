@@ -14,9 +14,15 @@ weight into two signed 8-bit halves (w = 256 hi + lo). A digit times a half summ
 over d_in stays below 128 * 127 * 2^16 < 2^31, so int32 never overflows; the 16
 partial products are recombined mod 2^64 and the shift by 128 is undone with a
 precomputed per-column constant. docs/security.md has the bit budget.
+
+oneDNN's s8 GEMM is exact only where the CPU has VNNI or AMX: without them (an AVX2-only host, or
+ONEDNN_MAX_CPU_ISA=AVX2) it pairs products in saturating int16 and loses bits. `int8_gemm_exact`
+tries it once per process; where it is not exact the digit products run as float32 GEMMs over
+d_in blocks of 1024, whose integer sums stay within 2^24 and so are exact in any order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +35,7 @@ WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit
 ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
 MAX_D_IN = 1 << 16  # of a weight: keeps honest results below 2^46 (and int32 accumulation exact)
 MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
+FLOAT_BLOCK = 1 << 10  # d_in per float32 GEMM where int8 GEMMs are inexact: sums stay within 2^24
 _BYTE_SUM = int.from_bytes(b"\x01" * 8, "little")  # sum of 2^(8i), i < 8
 
 
@@ -66,11 +73,11 @@ class RingWeight:
 
     def set_rows(self, start: int, q: torch.Tensor) -> None:
         """Rows start.. of the integer weight (|q| <= WEIGHT_MAX)."""
-        q = q.to(torch.int32)
-        if q.numel() and int(q.abs().max()) > WEIGHT_MAX:
+        if q.numel() and max(-int(q.min()), int(q.max())) > WEIGHT_MAX:
             raise ConfigError(f"ring weight entries exceed {WEIGHT_MAX}, the int8-limb budget")
-        lo = ((q + 128) & 255) - 128
-        hi = (q - lo) >> 8  # exact: q - lo is a multiple of 256
+        q = q.to(torch.int16)
+        lo = q.to(torch.int8)  # the low byte, as a signed digit: q - lo is a multiple of 256
+        hi = (q - lo) >> 8
         end = start + q.shape[0]
         self.rows[start:end] = lo
         self.rows[self.d_out + start:self.d_out + end] = hi
@@ -123,9 +130,30 @@ def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
         digits = digits.to(w.halves.device)
         if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
             digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
-    partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
+    partial = digit_products(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
     torch.sum(partial.mul_(w.place), dim=(0, 2), out=out)
     out += w.correction
+
+
+def digit_products(digits: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
+    """digits (R, d_in) int8 times halves (d_in, n) int8, exactly, as int32 (R, n)."""
+    if halves.is_cuda or int8_gemm_exact():
+        return torch._int_mm(digits, halves)
+    out = torch.zeros(digits.shape[0], halves.shape[1], dtype=torch.int32)
+    for k in range(0, digits.shape[1], FLOAT_BLOCK):
+        block = torch.mm(digits[:, k:k + FLOAT_BLOCK].float(), halves[k:k + FLOAT_BLOCK].float())
+        out += block.to(torch.int32)
+    return out
+
+
+@functools.cache
+def int8_gemm_exact() -> bool:
+    """Whether this process's int8 GEMM (torch._int_mm on the CPU) gives exact int32 sums: tried
+    once on full-range random digits, against a float64 product (exact at this size)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 512), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (512, 64), dtype=torch.int8, generator=g)
+    return torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())
 
 
 def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:

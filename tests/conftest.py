@@ -1,11 +1,13 @@
 """Shared fixtures: the real SmolLM2 model, its HF reference, tiny random LLaMAs, servers."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from teegpu.model.loading import load_tokenizer, load_weights
-from teegpu.model.reference import transformers_model
+from teegpu.model.reference import transformers_model, with_parameters_in
 from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
@@ -37,13 +39,14 @@ def hf_smollm2():
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2_in():
-    """transformers' model from the same GGUF in a given dtype, loaded on first use."""
+def hf_smollm2_in(hf_smollm2):
+    """transformers' model from the same GGUF in a given dtype (transformers_model's way: the
+    float32 load's parameters cast), made on first use."""
     models = {}
 
     def get(dtype: torch.dtype):
         if dtype not in models:
-            models[dtype] = transformers_model(None, dtype)
+            models[dtype] = with_parameters_in(copy.deepcopy(hf_smollm2), dtype)
         return models[dtype]
 
     return get
@@ -84,11 +87,15 @@ def hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tenso
 
 
 def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens decoded on transformers' own KV cache, as `generate` decodes; then the logits
+    of every position from one forward over the whole sequence."""
     seq = list(ids)
     with torch.inference_mode():
-        for _ in range(steps):
-            logits = model(torch.tensor([seq])).logits[0]
-            seq.append(int(logits[-1].argmax()))
+        out = model(torch.tensor([seq]), use_cache=True)
+        for i in range(steps):
+            seq.append(int(out.logits[0, -1].argmax()))
+            if i + 1 < steps:
+                out = model(torch.tensor([seq[-1:]]), past_key_values=out.past_key_values, use_cache=True)
         logits = model(torch.tensor([seq])).logits[0]
     return seq[len(ids):], logits
 

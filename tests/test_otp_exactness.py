@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import connect_engine
+from teegpu import ring
 from teegpu.protocol import Op
-from teegpu.ring import RingWeight, quantize_rows, quantize_weights, ring_dot, ring_matmul
+from teegpu.ring import WEIGHT_MAX, RingWeight, quantize_rows, quantize_weights, ring_dot, ring_matmul
 from teegpu.tee.mask_pool import random_ring
 
 
@@ -13,14 +14,21 @@ def as_ring(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def test_ring_matmul_and_dot_equal_python_integers(smollm2):
+@pytest.mark.parametrize("digits_on", ["host-choice", "float32-blocks"])
+def test_ring_matmul_and_dot_equal_python_integers(digits_on, smollm2, monkeypatch):
+    """On the int8 GEMM where it is exact, and on the float32 blocks hosts without VNNI use."""
+    if digits_on == "float32-blocks":
+        monkeypatch.setattr(ring, "int8_gemm_exact", lambda: False)
     weights, _ = smollm2
     q, _ = quantize_weights(weights.for_op(Op.DOWN, 3))  # a real (576, 1536) weight
-    x = random_ring((2, q.shape[1]))
+    q[575], q[1] = WEIGHT_MAX, -WEIGHT_MAX  # the largest digit sums: past float32's 2^24 unless blocked
+    x = random_ring((3, q.shape[1]))
     x[0, :4] = torch.tensor([-(1 << 63), (1 << 63) - 1, -1, 0])  # the ring's edges
+    x[2] = -1  # every byte 0xff: every digit 127 (and one 0: an odd sum)
+    x[2, 7] = 0
     got = ring_matmul(x, RingWeight.of(q))
     qi, xi = q.tolist(), x.tolist()
-    for row in range(2):
+    for row in range(3):
         for col in (0, 1, 287, 575):
             assert got[row, col].item() == as_ring(sum(a * b for a, b in zip(xi[row], qi[col])))
     s = random_ring((q.shape[1], 2))

@@ -2,11 +2,16 @@
 TEE-only alike): large float32 products through oneDNN, the rest through torch.mm. Whichever
 kernel runs, the result is the product up to float32 rounding, lands in `out` when given,
 and reduced precision is exactly torch's own product."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from teegpu.model import products
 from teegpu.model.products import ONEDNN_MACS, linear
+from teegpu.options import THREADED_MACS
 
 SHAPES = [(1, 64, 64), (1, 576, 1536), (8, 3072, 576), (2, 49152, 64), (300, 576, 1536)]
 
@@ -70,6 +75,21 @@ def test_a_product_has_the_same_bits_in_every_process(rows):
         assert torch.equal(first, linear(x, w))
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_wait_policy_reads_the_same_thread_threshold(tmp_path):
+    """The server runs with OMP_WAIT_POLICY=PASSIVE, a test or a library user often without: both
+    must size a product's threads alike, from one measurement per host (made first by either)."""
+    code = "from teegpu.model.products import threaded_macs, threads_file; print(threads_file()[0], threaded_macs())"
+    answers = []
+    for policy in ("ACTIVE", "PASSIVE", None):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TEEGPU_THREADED_MACS")}
+        env.update(TEEGPU_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="2", **({"OMP_WAIT_POLICY": policy} if policy else {}))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        answers.append(done.stdout.split())
+    assert answers[0] == answers[1] == answers[2]
+    assert int(answers[0][1]) in (0, THREADED_MACS)
 
 
 def test_the_isa_comes_from_the_flags_and_the_cap():

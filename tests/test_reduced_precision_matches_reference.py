@@ -3,6 +3,8 @@
 within a bound per dtype, and greedy tokens agree until a near-tie, where each side's token is in
 the other's top-k and the comparison stops (docs/fidelity.md, claim 2). The split itself adds no
 error (test_split_equals_in_process.py)."""
+import functools
+
 import pytest
 import torch
 
@@ -28,11 +30,17 @@ def greedy_with_logits(engine: Engine, ids: list[int], steps: int) -> tuple[list
     return tokens, logits
 
 
-def hf_greedy_with_logits(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+@functools.cache
+def _hf_generate(model, ids: tuple[int, ...], steps: int):
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     return out.sequences[0, len(ids):].tolist(), [step[0].float() for step in out.logits]
+
+
+def hf_greedy_with_logits(model, ids: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy tokens and their logits, computed once per model and prompt."""
+    return _hf_generate(model, tuple(ids), steps)
 
 
 def assert_greedy_close(ours, ours_logits, ref, ref_logits, k: int = TOP_K) -> int:

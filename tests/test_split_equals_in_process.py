@@ -5,18 +5,21 @@ import pytest
 import torch
 
 from conftest import VARIANTS, connect_engine
+from teegpu.config import ServerConfig
 from teegpu.model import products
-from teegpu.model.llama import Segment
+from teegpu.model.llama import Segment, rope_inv_freq, rope_tables
 from teegpu.options import DTYPES
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.tee.engine import Engine
+from teegpu.server_process import ServerProcess
 from teegpu.tee.linears import LocalLinears
+from teegpu.transport import private_endpoint
 
 PROMPT = "Explain why the sky is blue."
 DECODE_STEPS = 4
 CASES = ([(dtype, "plain", variant, "doorbell") for dtype in DTYPES for variant in VARIANTS]
          + [("float32", "plain", "shm", "socket"), ("bfloat16", "plain", "shm", "socket")]
-         + [("float32", "otp", variant, "doorbell") for variant in ("ipc", "shm")])
+         + [("float32", "otp", "shm", "doorbell")])  # otp's exactness is the ring's: one plane shows it
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +62,20 @@ def test_split_logits_are_the_in_process_logits_bit_for_bit(dtype, privacy, vari
     split.close()
 
 
+def batched_step(engine: Engine) -> torch.Tensor:
+    """One sequence's prompt rows and another's decode row in one packed step."""
+    a, b = engine.encode("The capital of France is"), engine.encode("def fibonacci(n):")
+    ca, cb = engine.new_cache(len(a)), engine.new_cache(len(b) + 1)
+    engine.forward(b, 0, cb)
+    return engine.forward_packed(a + [b[-1]], [Segment(ca, 0, len(a)), Segment(cb, len(b), 1)], None)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_batched_step_is_the_in_process_step_bit_for_bit(dtype, smollm2, smollm2_servers, in_process):
     """The API's packed step: one sequence's prompt rows and another's decode row together."""
     weights, tok = smollm2
     split, local = connect_engine(weights, tok, smollm2_servers, "shm", dtype=dtype), in_process(dtype, "plain")
-    a, b = local.encode("The capital of France is"), local.encode("def fibonacci(n):")
-    results = []
-    for engine in (split, local):
-        ca, cb = engine.new_cache(len(a)), engine.new_cache(len(b) + 1)
-        engine.forward(b, 0, cb)
-        segments = [Segment(ca, 0, len(a)), Segment(cb, len(b), 1)]
-        results.append(engine.forward_packed(a + [b[-1]], segments, None))
-    assert torch.equal(*results)
+    assert torch.equal(*(batched_step(engine) for engine in (split, local)))
     split.close()
 
 
@@ -86,3 +90,36 @@ def test_the_comparison_can_fail(smollm2, smollm2_servers, in_process, monkeypat
     monkeypatch.setattr(products, "ONEDNN_MACS", 1 << 62)
     assert not torch.equal(greedy_logits(split, ids, 0)[0], greedy_logits(local, ids, 0)[0])
     split.close()
+
+
+
+def test_the_in_process_bits_do_not_depend_on_the_threads_the_process_was_left_with(smollm2, monkeypatch):
+    """A small step leaves the trusted process on one thread (Engine.forward_packed); an in-process
+    engine built and run then still gives each product the threads the server gives it, here every
+    product on every core (the choice of a host with TEEGPU_THREADED_MACS=0 measured)."""
+    weights, tok = smollm2
+    monkeypatch.setenv("TEEGPU_THREADED_MACS", "0")
+    products.threaded_macs.cache_clear()
+    server = ServerProcess(ServerConfig(endpoint=private_endpoint(), dtype="float32"))
+    before = torch.get_num_threads()
+    try:
+        split = Engine.connect(weights, tok, server.wait_ready(), data_plane="shm")
+        torch.set_num_threads(1)
+        local = Engine(weights, tok, LocalLinears(weights, torch.float32), dtype=torch.float32)
+        assert torch.equal(*(batched_step(engine) for engine in (split, local)))
+        split.close()
+    finally:
+        torch.set_num_threads(before)
+        server.stop()
+        products.threaded_macs.cache_clear()
+
+
+def test_every_engine_holds_the_same_rope_tables(smollm2):
+    """Two engines of one process (the split's and the in-process one) grow their rotary tables to
+    their own lengths, at their own addresses: the rows they share must be the same bits."""
+    weights, _ = smollm2
+    tables = [rope_tables(weights.config, n) for n in (37, 37, 64, 1000, 37)]
+    for t in tables:
+        assert torch.equal(t.cos[:37], tables[0].cos[:37]) and torch.equal(t.sin[:37], tables[0].sin[:37])
+    angle = 36 * rope_inv_freq(weights.config.rope, weights.config.head_dim)  # float32, as the table's
+    assert torch.allclose(tables[0].cos[36, :32], angle.double().cos().float() * weights.config.rope.attention_factor)

@@ -28,7 +28,7 @@ def test_prefill_and_decode_logits_match(transport, smollm2, hf_smollm2, smollm2
     engine.client.close()
 
 
-@pytest.mark.parametrize("transport", VARIANTS)
+@pytest.mark.parametrize("transport", ["shm"])  # every plane equals in-process: test_split_equals_in_process
 def test_greedy_32_tokens_identical(transport, smollm2, hf_smollm2, smollm2_servers):
     weights, tok = smollm2
     engine = connect_engine(weights, tok, smollm2_servers, transport)

@@ -110,11 +110,17 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, freq_factors: torch.Tensor | 
 
 
 def rope_tables(config: ModelConfig, max_positions: int, freq_factors=None) -> RopeTables:
+    """cos and sin of the float32 angles, by the C library one angle at a time: torch's vectorized
+    cos gave other last bits for the same angles now and then (MKL's vector math on an Intel Xeon),
+    and every engine of a process must hold the same tables (docs/fidelity.md)."""
     inv = rope_inv_freq(config.rope, config.head_dim, freq_factors)
-    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
-    emb = torch.cat([freqs, freqs], dim=-1)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv).flatten().tolist()
     scale = config.rope.attention_factor
-    return RopeTables(emb.cos() * scale, emb.sin() * scale)
+
+    def table(fn) -> torch.Tensor:
+        half = torch.tensor([fn(a) for a in angles], dtype=torch.float64).view(max_positions, -1).float()
+        return torch.cat([half, half], dim=-1) * scale
+    return RopeTables(table(math.cos), table(math.sin))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ in-process engine's bit for bit (docs/fidelity.md).
   can (AVX512-BF16 / AMX, or AVX-512 emulation); elsewhere (an AVX2-only host, or
   ONEDNN_MAX_CPU_ISA=AVX2) as it is, through torch.mm.
 - float16: torch.mm (oneDNN with AVX512-FP16 / AMX-FP16, ATen's kernel elsewhere).
-- int8 (the otp mode's digit products, teegpu.ring): torch._int_mm, oneDNN's s8 GEMM (VNNI, or
-  AMX tiles where the CPU has them; exact on every ISA: int32 sums never overflow).
+- int8 (the otp mode's digit products, teegpu.ring): torch._int_mm, oneDNN's s8 GEMM on VNNI or
+  AMX tiles; without them (AVX2 only) it saturates in int16, so exact float32 blocks stand in.
 `kernels()` reports the ISA and the implementation each product ran on (oneDNN's own words).
 
 Threads: a product's thread count is part of its result (MKL sums a few-row float32 product in
@@ -29,15 +29,21 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from teegpu.options import THREADED_MACS, threads_for
+from teegpu.ring import digit_products, int8_gemm_exact
 
+# the threads torch starts with (OMP_NUM_THREADS, or the host's cores), read at import before
+# anything in this process changes them: every process sizes its product threads from this
+CORES = torch.get_num_threads()
 ONEDNN_MACS = 1 << 22  # float32 products of at least this many multiply-adds go to oneDNN
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN is not None else None
@@ -121,25 +127,45 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
 @functools.cache
 def threaded_macs() -> int:
     """Products of at least this many multiply-adds run on every core, smaller ones on one.
-    Measured once per host (CPU model, cores, OpenMP wait policy, torch) and kept in the teegpu
-    cache, under a lock, so that every process on the host (the server, the in-process engine)
-    gives a product the same threads and so the same bits. Delete the file to measure again."""
-    from teegpu.model.loading import cache_root
-
-    cores = torch.get_num_threads()
-    if cores == 1:
+    Measured once per host (CPU model, cores, torch, ISA) and kept in the teegpu cache, under a
+    lock, so that every process on the host (the server, the in-process engine) gives a product
+    the same threads and so the same bits, whatever OpenMP wait policy each runs under. Delete the
+    file to measure again, or set TEEGPU_THREADED_MACS (in every process) to choose."""
+    if os.environ.get("TEEGPU_THREADED_MACS"):
+        return int(os.environ["TEEGPU_THREADED_MACS"])
+    if CORES == 1:
         return THREADED_MACS
-    host = [_cpu_model(), cores, os.environ.get("OMP_WAIT_POLICY", ""), torch.__version__, cpu_isa()]
-    path = cache_root() / f"threads-{hashlib.sha256(json.dumps(host).encode()).hexdigest()[:16]}.json"
+    path, host = threads_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return json.loads(path.read_text())["threaded_macs"]
         except (OSError, ValueError, KeyError, TypeError):
-            macs = _measure_threaded_macs(cores)
+            macs = _measure_in_a_child()
             path.write_text(json.dumps({"host": host, "threaded_macs": macs}))
             return macs
+
+
+def threads_file() -> tuple[Path, list]:
+    """Where threaded_macs keeps this host's measurement, and what names the host."""
+    from teegpu.model.loading import cache_root
+
+    host = [_cpu_model(), CORES, torch.__version__, cpu_isa()]
+    return cache_root() / f"threads-{hashlib.sha256(json.dumps(host).encode()).hexdigest()[:16]}.json", host
+
+
+def _measure_in_a_child() -> int:
+    """_measure_threaded_macs under one fixed OpenMP wait policy (PASSIVE, the `teegpu` command's),
+    in a child: the answer differs between policies (a sleeping worker is slower to wake), and must
+    not depend on which process measured first. In this process where no child can start."""
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(CORES))
+    code = "from teegpu.model.products import CORES, _measure_threaded_macs; print(_measure_threaded_macs(CORES))"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        return int(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return _measure_threaded_macs(CORES)
 
 
 def _measure_threaded_macs(cores: int) -> int:
@@ -173,7 +199,7 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
-def product_threads(macs: int, cores: int) -> int:
+def product_threads(macs: int, cores: int = CORES) -> int:
     """Threads for a product of `macs` multiply-adds, the same in every process on this host."""
     return threads_for(macs, cores, threaded_macs())
 
@@ -211,6 +237,9 @@ def kernels() -> Kernels:
             "bfloat16": lambda: linear(xb, wb), "float16": lambda: linear(x.half(), w.half()),
             "int8": lambda: torch._int_mm(xi, wi)}
     fallback = {"float32_small": "torch.mm:mkl" if torch.backends.mkl.is_available() else "torch.mm"}
+    if not int8_gemm_exact():
+        runs["int8"] = lambda: digit_products(xi, wi)
+        fallback["int8"] = "float32-blocks (int8 GEMM inexact here)"
     return Kernels(isa=isa, threaded_macs=threaded_macs(), **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
 
 

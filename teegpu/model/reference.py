@@ -23,6 +23,11 @@ def transformers_model(model: str | os.PathLike | None, dtype: torch.dtype = tor
         hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     else:
         hf = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return with_parameters_in(hf, dtype)
+
+
+def with_parameters_in(hf, dtype: torch.dtype):
+    """A float32 transformers model with its parameters cast to `dtype` (buffers kept), in place."""
     for p in hf.parameters():
         p.data = p.data.to(dtype)
     return hf.eval()

@@ -78,7 +78,7 @@ class LinearServer:
         self.peers: dict[bytes, Incoming] = {}  # by key: where to send what its doorbell asks
         self.handled: dict[bytes, int] = {}  # by client: the last doorbell sequence number answered
         self.doorbell = doorbell  # poll the attached regions' doorbells
-        self.max_threads = self.threads = torch.get_num_threads()  # per product: product_threads of its size
+        self.threads = torch.get_num_threads()  # per product: product_threads of its size, of CORES
         self.plans: dict[tuple, _Plan] = {}  # (client, request kind) -> views and reply; dropped at any attach
 
     def hello(self) -> Hello:
@@ -245,7 +245,7 @@ class LinearServer:
             macs = a.numel() * b.shape[-1]
         else:
             macs = inputs[0].shape[0] * self.shapes[op, layer][0] * self.shapes[op, layer][1]
-        threads = product_threads(macs, self.max_threads)
+        threads = product_threads(macs)
         if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads

@@ -42,7 +42,7 @@ class RingVerifier:
         for a in range(0, q.shape[0], MAX_INNER):
             block = q[a:a + MAX_INNER]
             s = self.s[key][start + a:start + a + block.shape[0]]
-            self.ws[key] += ring_matmul(s.t(), RingWeight.of(block.t())).t()
+            self.ws[key] += ring_matmul(s.t(), RingWeight.of(block.t().contiguous())).t()
 
     def check(self, op, layer: int, xq: torch.Tensor, unpadded: torch.Tensor) -> None:
         """unpadded = returned - R W^T, with R W^T exact: an error in the reply is the same error

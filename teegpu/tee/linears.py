@@ -28,7 +28,6 @@ class LocalLinears:
 
     def __init__(self, weights: ModelWeights, dtype: torch.dtype = torch.float32, privacy: str = "plain"):
         kernels()  # before packing: probes the kernels (and asks for AMX tiles where present)
-        self.cores = torch.get_num_threads()  # products take product_threads of these, as on the server
         self.shapes = weights.served_shapes()
         self.scales = None
         if privacy == "otp":
@@ -42,7 +41,7 @@ class LocalLinears:
         if self.scales is not None:
             return self._ring_linear(op, layer, x)
         d_out, d_in = self.shapes[op, layer]
-        before, threads = torch.get_num_threads(), product_threads(x.shape[0] * d_out * d_in, self.cores)
+        before, threads = torch.get_num_threads(), product_threads(x.shape[0] * d_out * d_in)
         if threads == before:
             return linear(x, self.weights[op, layer])
         torch.set_num_threads(threads)
