@@ -19,7 +19,7 @@ import torch
 
 from teegpu.errors import IntegrityError
 from teegpu.protocol import ATTENTION_OPS
-from teegpu.ring import MAX_INNER, RingWeight, check_vectors, result_bound, ring_dot, ring_matmul
+from teegpu.ring import check_vectors, result_bound, ring_dot
 from teegpu.tee.mask_pool import random_ring
 
 VECTORS = 2  # plain mode's Rademacher vectors per weight
@@ -38,11 +38,9 @@ class RingVerifier:
             self.bound[key] = result_bound(d_in)
 
     def add_rows(self, key, start: int, q: torch.Tensor) -> None:
-        """Rows start.. of integer weight `key`: W^T s += q^T s[start..] (mod 2^64)."""
-        for a in range(0, q.shape[0], MAX_INNER):
-            block = q[a:a + MAX_INNER]
-            s = self.s[key][start + a:start + a + block.shape[0]]
-            self.ws[key] += ring_matmul(s.t(), RingWeight.of(block.t().contiguous())).t()
+        """Rows start.. of integer weight `key`: W^T s += q^T s[start..] (mod 2^64), in int64's own
+        wrap-around (a few vectors: elementwise products beat a GEMM here)."""
+        self.ws[key] += ring_dot(q.t(), self.s[key][start:start + q.shape[0]])
 
     def check(self, op, layer: int, xq: torch.Tensor, unpadded: torch.Tensor) -> None:
         """unpadded = returned - R W^T, with R W^T exact: an error in the reply is the same error
