@@ -3,7 +3,7 @@ decode, in plain float32, plain bfloat16 and otp, against monolithic transformer
 random weights, in one run.
 
     python -m bench seed [--shape llama-3.2-1b] [--prefill 1024] [--tokens 8]
-                         [--modes float32,bfloat16,otp] [--device auto] [--threads N] [--json]
+                         [--modes float32,bfloat16,otp,otp+pad-server] [--device auto] [--threads N] [--json]
 
 The model is written once (seeded, `teegpu shaped-model`) under the cache directory. Each mode
 runs in its own process (and its server in another), so that each process's peak RSS is its
@@ -32,7 +32,7 @@ from teegpu.options import rpcs_per_forward
 TEXT = Path(__file__).with_name("sample_text.txt")
 SEED_PREFILL_MS, SEED_RPCS, SEED_BYTES = 332.0, 98, 7.5e9  # the seed's Llama-3.2-1B figures (GPU)
 MODES = {"float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-         "otp": dict(dtype="float32", privacy="otp")}
+         "otp": dict(dtype="float32", privacy="otp"), "otp+pad-server": dict(dtype="float32", privacy="otp")}
 
 
 def shaped_model(shape: str, seed: int) -> Path:
@@ -65,9 +65,26 @@ def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, thr
     """One mode of the split runtime, in this process (the trusted side) and a private server."""
     from teegpu.tee.engine import Engine
 
+    from teegpu.config import ServerConfig
+    from teegpu.server_process import ServerProcess
+    from teegpu.transport import private_endpoint
+
     t0 = time.monotonic()
-    engine = Engine.open(EngineConfig(model=model, device=device, threads=threads, **MODES[mode]))
+    pad_server, extra = None, {}
+    if mode == "otp+pad-server":  # a second otp server, started here, makes the pads' products
+        pad_server = ServerProcess(ServerConfig(model=model, endpoint=private_endpoint(), device=device, privacy="otp"))
+        extra = dict(pad_server=(pad_server.wait_ready(),), pads="server")
+    engine = Engine.open(EngineConfig(model=model, device=device, threads=threads, **MODES[mode], **extra))
     out = {"load_s": time.monotonic() - t0}
+    try:
+        return measure_split(engine, out, prefill, tokens, pad_server)
+    finally:
+        if pad_server is not None:
+            pad_server.stop()
+
+
+def measure_split(engine, out: dict, prefill: int, tokens: int, pad_server) -> dict:
+    """Prefill and decode timings (wall and this process's CPU time), RPCs, bytes and peak RSS."""
     ids = prompt_ids(engine.tokenizer, prefill)
     with engine:
         stats, tel = engine.client.stats, engine.telemetry
@@ -75,9 +92,10 @@ def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, thr
         engine.forward(ids[:16], 0, engine.new_cache(16))  # warm-up: first-call costs stay out
         before = (stats.as_dict(), dict(tel.totals), pool.stats.stall_ms if pool else 0.0)
         cache = engine.new_cache(prefill + tokens + 1)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         token = int(engine.forward(ids, 0, cache)[-1].argmax())
         out["prefill_ms"] = (time.perf_counter() - t0) * 1000
+        out["prefill_cpu_ms"] = (time.process_time() - c0) * 1000
         after = stats.as_dict()
         out["rpcs_per_forward"] = after["calls"] - before[0]["calls"]
         out["bytes_per_forward"] = (after["bytes_sent"] + after["bytes_received"]
@@ -88,12 +106,15 @@ def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, thr
         # pads an otp step had to make online (a 1024-row prefill outruns any pool) are not RPC time
         out["split_ms"] = {"server_compute": server, "transfer": rpc - server, "pads_online": pads,
                            "trusted": out["prefill_ms"] - rpc - pads}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(tokens):
             token = int(engine.forward([token], prefill + i, cache)[-1].argmax())
         out["decode_ms_per_token"] = (time.perf_counter() - t0) * 1000 / tokens
+        out["decode_cpu_ms_per_token"] = (time.process_time() - c0) * 1000 / tokens
         out["peak_rss_trusted"] = peak_rss()
         out["peak_rss_server"] = peak_rss(engine.server_process.proc.pid)
+        if pad_server is not None:
+            out["peak_rss_pad_server"] = peak_rss(pad_server.proc.pid)
     return out
 
 
@@ -173,6 +194,11 @@ def format_table(res: dict) -> str:
     lines.append("prefill time split (ms): " + "; ".join(
         f"{name}: " + ", ".join(f"{k} {v:.0f}" for k, v in m["split_ms"].items())
         for name, m in res["modes"].items() if "split_ms" in m))
+    plain = res["modes"].get("split float32", {})
+    lines.append("the trusted process's CPU time, prefill ms / decode ms per token (x the plain float32 split): " + "; ".join(
+        f"{name}: {m['prefill_cpu_ms']:.0f} ({m['prefill_cpu_ms'] / plain['prefill_cpu_ms'] if plain else 0:.2f}x) / "
+        f"{m['decode_cpu_ms_per_token']:.1f} ({m['decode_cpu_ms_per_token'] / plain['decode_cpu_ms_per_token'] if plain else 0:.2f}x)"
+        for name, m in res["modes"].items() if "prefill_cpu_ms" in m))
     lines.append(f"the seed (Llama-3.2-1B, GPU): prefill {SEED_PREFILL_MS:.0f} ms, {SEED_RPCS} RPCs, "
                  f"{SEED_BYTES / 1e9:.1f} GB per forward; expected RPCs here {res['expected_rpcs']}")
     return "\n".join(lines)

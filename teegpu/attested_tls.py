@@ -27,13 +27,13 @@ def spki_sha256(public_key) -> bytes:
     return hashlib.sha256(der).digest()
 
 
-def deployment_digest(model_sha256: str, privacy: str, version: str) -> bytes:
-    return hashlib.sha256(f"{model_sha256}|{privacy}|{version}".encode()).digest()
+def deployment_digest(model_sha256: str, privacy: str, version: str, pads: str) -> bytes:
+    return hashlib.sha256(f"{model_sha256}|{privacy}|pads {pads}|{version}".encode()).digest()
 
 
-def report_data(public_key, model_sha256: str, privacy: str, version: str) -> bytes:
-    """The 64 bytes a quote must carry for this key, model, mode and teegpu version."""
-    return spki_sha256(public_key) + deployment_digest(model_sha256, privacy, version)
+def report_data(public_key, model_sha256: str, privacy: str, version: str, pads: str) -> bytes:
+    """The 64 bytes a quote must carry for this key, model, mode (with who makes the pads) and teegpu version."""
+    return spki_sha256(public_key) + deployment_digest(model_sha256, privacy, version, pads)
 
 
 def quote_in(cert: x509.Certificate) -> bytes | None:

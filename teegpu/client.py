@@ -41,6 +41,7 @@ class Verified:
     measurement: str | None = None
     model_sha256: str | None = None
     privacy: str | None = None
+    pads: str | None = None  # otp: who makes the pads' products (server, local, server-or-local)
     teegpu_version: str | None = None
     checks: list[str] = field(default_factory=list)
 
@@ -180,18 +181,22 @@ def _check_measurement(done: Verified, body: dict, config: VerifyConfig) -> None
 
 def _check_deployment(done: Verified, evidence: dict, config: VerifyConfig, bound: bytes | None) -> Verified:
     """The model, mode and version the evidence names: bound by the quote, and as expected."""
-    done.model_sha256, done.privacy = evidence.get("model_sha256"), evidence.get("privacy")
+    done.model_sha256, done.privacy, done.pads = (evidence.get("model_sha256"), evidence.get("privacy"),
+                                                  evidence.get("pads"))
     done.teegpu_version = evidence.get("versions", {}).get("teegpu")
     if bound is not None:
-        if bound != deployment_digest(str(done.model_sha256), str(done.privacy), str(done.teegpu_version)):
+        if bound != deployment_digest(str(done.model_sha256), str(done.privacy), str(done.teegpu_version),
+                                      str(done.pads)):
             raise AttestationError("the quote's model/mode binding does not match the evidence "
-                                   f"(model {done.model_sha256}, privacy {done.privacy})")
-        done.checks.append(f"the quote names model {str(done.model_sha256)[:16]}..., privacy {done.privacy}, "
-                           f"teegpu {done.teegpu_version}")
+                                   f"(model {done.model_sha256}, privacy {done.privacy}, pads {done.pads})")
+        done.checks.append(f"the quote names model {str(done.model_sha256)[:16]}..., privacy {done.privacy} "
+                           f"(pads {done.pads}), teegpu {done.teegpu_version}")
     if config.model_sha256 is not None and config.model_sha256.lower() != str(done.model_sha256).lower():
         raise AttestationError(f"model SHA-256 {done.model_sha256} is not the expected {config.model_sha256}")
     if config.privacy is not None and config.privacy != done.privacy:
         raise AttestationError(f"privacy mode {done.privacy} is not the expected {config.privacy}")
+    if config.pads is not None and config.pads != done.pads:
+        raise AttestationError(f"pads {done.pads} are not the expected {config.pads}")
     return done
 
 

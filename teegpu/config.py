@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from teegpu.errors import ConfigError
 from teegpu.options import (
     ATTESTATION_KINDS, CONTROL_PLANES, DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_SPIN_MAX_US, DEFAULT_TIMEOUT_MS,
-    DEVICES, DTYPES, PRIVACY_MODES,
+    DEVICES, DTYPES, PAD_MODES, PRIVACY_MODES,
 )
 
 
@@ -107,9 +107,23 @@ class EngineConfig:
     model_sha256: str | None = option(None, "refuse a model file with another SHA-256", metavar="HEX")
     curve_secret: str | None = option(None, "CURVE to --server: this client's NAME.key_secret", metavar="KEY_SECRET")
     curve_server_key: str | None = option(None, "CURVE: the pinned server's public NAME.key", metavar="KEY")
+    pad_server: tuple[str, ...] = option((), "otp: a pad server, a `teegpu serve --privacy otp` run by another "
+                                         "operator than --server's, that computes the pads' products (repeat, "
+                                         "or comma-separate, for a pool)", metavar="ENDPOINT")
+    pads: str | None = option(None, "otp: who computes the pads' products: server (the pad servers; fail when "
+                              "all are down), local (this process), server-or-local (compute here while every "
+                              "pad server is down, said in stats, /metrics and the log); default: "
+                              "server-or-local with --pad-server, else local", choices=(None, *PAD_MODES),
+                              metavar="MODE")
+    pad_curve_server_key: str | None = option(None, "CURVE to --pad-server: the pinned pad server's public "
+                                              "NAME.key (this client's key: --curve-secret)", metavar="KEY")
 
     def __post_init__(self):
         _check_min("timeout_ms", self.timeout_ms, 1)
+        self.pad_server = tuple(e.strip() for item in self.pad_server for e in item.split(",") if e.strip())
+        if self.pads is None:
+            self.pads = "server-or-local" if self.pad_server else "local"
+        self._check_pads()
         _check_choices(self)
         _check_min("mask_pool_rows", self.mask_pool_rows, 1)
         _check_min("threads", self.threads, 1)
@@ -122,6 +136,21 @@ class EngineConfig:
             raise ConfigError("CURVE keys secure a connection to --server; a private server needs none")
         if self.local and self.server:
             raise ConfigError("local (TEE-only) mode uses no server; drop server or local")
+
+    def _check_pads(self) -> None:
+        if self.pad_server and self.privacy != "otp":
+            raise ConfigError("a pad server makes the pads of --privacy otp; add --privacy otp or drop --pad-server")
+        if self.pad_server and self.local:
+            raise ConfigError("local (TEE-only) mode uses no pads; drop pad server or local")
+        if self.pads != "local" and not self.pad_server:
+            raise ConfigError(f"pads {self.pads!r} need a pad server (--pad-server ENDPOINT)")
+        if self.pads == "local" and self.pad_server:
+            raise ConfigError("pads 'local' computes every pad here: drop --pad-server, or choose --pads server")
+        if self.pad_curve_server_key is not None and (self.curve_secret is None or not self.pad_server):
+            raise ConfigError("--pad-curve-server-key needs --pad-server and this client's --curve-secret")
+        if self.curve_secret is not None and self.pad_server and self.pad_curve_server_key is None:
+            raise ConfigError("CURVE is on: give the pad server's public key too (--pad-curve-server-key), so that "
+                              "the pad key never travels in clear")
 
 
 @dataclass(slots=True)
@@ -201,6 +230,8 @@ class VerifyConfig:
     model_sha256: str | None = option(None, "the model file's SHA-256 to require", metavar="HEX")
     privacy: str | None = option(None, "the privacy mode to require (plain or otp)", choices=(None, *PRIVACY_MODES),
                                  metavar="MODE")
+    pads: str | None = option(None, "otp: who must make the pads' products (server, local or server-or-local)",
+                              choices=(None, *PAD_MODES), metavar="MODE")
     collateral: str | None = option(None, "DCAP collateral as dcap-qvl JSON (offline verification)", metavar="FILE")
     pccs: str | None = option(None, "fetch the collateral from this PCCS", metavar="URL")
     root_ca: str | None = option(None, "trust this root CA (DER) instead of Intel's: test deployments only",

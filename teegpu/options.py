@@ -7,6 +7,7 @@ import sys
 
 DEVICES = ("auto", "cpu", "cuda")  # where the server computes
 PRIVACY_MODES = ("plain", "otp")  # what the server sees: activations, or one-time-padded integers
+PAD_MODES = ("server", "local", "server-or-local")  # otp: who computes the pads' products R*W^T
 DATA_PLANES = ("socket", "shm")  # where tensors travel: in the messages, or through /dev/shm
 CONTROL_PLANES = ("doorbell", "socket")  # with shm, how requests are announced: polled words, or messages
 DTYPES = ("float32", "bfloat16", "float16")  # of the weights, the wire and the trusted activations

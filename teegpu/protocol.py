@@ -48,6 +48,8 @@ class Op(IntEnum):
     ATTACH_SHM = 8  # one UTF-8 frame: the name of the client's region under /dev/shm
     SINK = 9  # takes one tensor of any shape, returns nothing: measures transfers
     RING = 10  # no payload: "a request waits in my region's doorbell" (the server was asleep)
+    PAD_KEY = 11  # otp pad server: one frame, PAD_KEY_FRAME (key id, 128-bit key); the key expands pads
+    PADS = 12  # otp pad server: one int64 tensor [key id, nonce, op, rows]; returns R*W^T (pads.py)
 
 
 LINEAR_OPS = (Op.QKV, Op.O, Op.GATE_UP, Op.DOWN)
@@ -64,12 +66,16 @@ class ErrorCode(IntEnum):
     BAD_FRAMES = 6
     INTERNAL = 7
     BAD_SHM = 8
+    UNKNOWN_KEY = 9  # PADS under a key id this server does not hold (it restarted): register it again
 
 
 FLAG_SHM = 1  # the tensors of this message lie in the shared region, not in frames
 ALIGN = 64
 CONTROL_BYTES = 4096  # the doorbell page at the start of a shared region
 DATA_START = CONTROL_BYTES  # where a shared-memory request's tensors begin
+PAD_KEY_FRAME = struct.Struct("<q16s")  # PAD_KEY's frame: key id, key
+PADS_FIELDS = 4  # PADS's int64 tensor: key id, nonce, op, rows
+REGISTERED = b"registered"  # the PAD_KEY reply
 ATTACHED = b"attached"  # the ATTACH_SHM reply; with the doorbell: ATTACHED + DOORBELL
 DOORBELL = b" doorbell"
 

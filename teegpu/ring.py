@@ -185,24 +185,28 @@ class QuantizedLinears:
     fingerprint: str  # SHA-256 over the integer weights and scales: both sides must derive the same
 
 
-def quantize_linears(weights, visit: Callable | None = None) -> QuantizedLinears:
+def quantize_linears(weights, visit: Callable | None = None, keep: bool = True) -> QuantizedLinears:
     """Every served weight of a ModelWeights, read and quantized a block of rows at a time into its
-    RingWeight; `visit(key, start, q_block)` sees each integer block (the Freivalds precomputation)."""
+    RingWeight (not kept without `keep`: scales and fingerprint only); `visit(key, start, q_block)`
+    sees each integer block (the Freivalds precomputation)."""
     h = hashlib.sha256(f"ring int16 max {WEIGHT_MAX}".encode())
     out = QuantizedLinears({}, {}, "")
     for key in sorted(weights.served_keys()):
         d_out, d_in = weights.shape(key[0])
-        ring, scales, start = RingWeight(d_out, d_in), [], 0
+        ring, scales, start = RingWeight(d_out, d_in) if keep else None, [], 0
         h.update(str(key).encode())
         for block in weights.blocks(*key):
             q, scale = quantize_weights(block)
-            ring.set_rows(start, q)
+            if ring is not None:
+                ring.set_rows(start, q)
             h.update(q.to(torch.int16).numpy().tobytes())  # |q| <= WEIGHT_MAX fits int16
             if visit is not None:
                 visit(key, start, q)
             scales.append(scale)
             start += q.shape[0]
-        out.weights[key], out.scales[key] = ring, torch.cat(scales)
+        out.scales[key] = torch.cat(scales)
+        if ring is not None:
+            out.weights[key] = ring
         h.update(out.scales[key].numpy().tobytes())
     out.fingerprint = h.hexdigest()
     return out

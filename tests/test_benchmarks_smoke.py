@@ -69,18 +69,20 @@ def test_seed_workload_bench_runs_every_mode(tiny_model_dir):
     from bench import seed
 
     args = argparse.Namespace(model=str(tiny_model_dir), prefill=24, tokens=2, device="cpu", threads=None,
-                              modes=["float32", "otp"])
+                              modes=["float32", "otp", "otp+pad-server"])
     res = seed.measure(args)
     modes = res["modes"]
-    assert set(modes) == {"hf float32", "split float32", "split otp"}
-    for name in ("split float32", "split otp"):
+    assert set(modes) == {"hf float32", "split float32", "split otp", "split otp+pad-server"}
+    for name in ("split float32", "split otp", "split otp+pad-server"):
         m = modes[name]
         assert m["rpcs_per_forward"] == res["expected_rpcs"] == rpcs_per_forward(3)
         assert m["peak_rss_trusted"] > 0 and m["peak_rss_server"] > 0 and m["prefill_ms"] > 0
+        assert m["prefill_cpu_ms"] > 0 and m["decode_cpu_ms_per_token"] > 0
         assert abs(sum(m["split_ms"].values()) - m["prefill_ms"]) < 1e-6 * m["prefill_ms"] + 1e-3
     assert modes["split otp"]["bytes_per_forward"] > modes["split float32"]["bytes_per_forward"]  # int64 on the wire
+    assert modes["split otp+pad-server"]["peak_rss_pad_server"] > 0
     table = seed.format_table(res)
-    assert "split otp" in table and f"expected RPCs here {rpcs_per_forward(3)}" in table
+    assert "split otp+pad-server" in table and "CPU time" in table and f"expected RPCs here {rpcs_per_forward(3)}" in table
 
 
 def test_contention_bench_measures_both_loads(tiny_model_dir):

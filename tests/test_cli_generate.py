@@ -15,7 +15,9 @@ def test_generate_json_answers_from_two_processes():
     result = json.loads(out.stdout)
     assert "Paris" in result["text"]
     assert 0 < len(result["token_ids"]) <= 20 and result["prompt_tokens"] > 10
-    assert set(result["timings"]) == {"load_s", "prefill_ms", "decode_ms_per_token", "trusted_ms"}
+    assert set(result["timings"]) == {"load_s", "prefill_ms", "decode_ms_per_token", "trusted_ms", "prefill_cpu_ms",
+                                      "decode_cpu_ms_per_token"}
+    assert result["timings"]["prefill_cpu_ms"] > 0 and result["timings"]["decode_cpu_ms_per_token"] > 0
     forwards = len(result["token_ids"]) + (result["finish_reason"] == "stop")
     assert result["rpc"]["calls"] == rpcs_per_forward(30) * forwards  # 4 x 30 layers + LM head, per forward
     assert "teegpu server stopped" in out.stderr  # the private server was started and stopped

@@ -12,7 +12,10 @@ import math
 import pytest
 import torch
 
+from teegpu.config import ServerConfig
 from teegpu.model.loading import load_weights
+from teegpu.server_process import ServerProcess
+from teegpu.transport import private_endpoint
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.server.linear_server import LinearServer
 from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
@@ -78,8 +81,32 @@ def test_otp_trusted_side_holds_int8_halves_and_pads(tiny_model_dir, tiny_weight
     assert int8 == 2 * linear_params(tiny_weights)  # each linear weight, once, as two int8 halves
     assert not [t.shape for t in held if t.dtype != torch.int8 and tuple(t.shape) in linear_shapes(tiny_weights)]
     pads = sum(rows * sum(tiny_weights.shape(op)) * 8 for op, _ in tiny_weights.served_keys())
-    ready = sum(nbytes(r) + nbytes(rw) for r, rw in pool._ready.values())
-    assert ready <= pads  # pads made per weight, a pool's worth, not for the whole run
+    assert pool_bytes(pool) <= pads  # pads made per weight, a pool's worth, not for the whole run
+
+
+def pool_bytes(pool) -> int:
+    """Bytes of the pads and products the pool holds (ready or on their way)."""
+    return sum(nbytes(t) for q in pool._queue.values() for batch, _ in q for t in (batch._r, batch.rw)
+               if t is not None)
+
+
+def test_otp_trusted_side_with_a_pad_server_holds_no_ring_weights(tiny_model_dir, tiny_weights):
+    """The pad server multiplies the pads: no int8 halves here, only W^T s for --verify."""
+    rows = 8
+    with ServerProcess(ServerConfig(model=str(tiny_model_dir), endpoint=private_endpoint(), privacy="otp")) as pad:
+        config = EngineConfig(model=str(tiny_model_dir), privacy="otp", mask_pool_rows=rows, verify=True,
+                              pad_server=(pad.wait_ready(),))
+        with Engine.open(config) as engine:
+            engine.generate("hold nothing you do not need", GenerationConfig(max_new_tokens=4))
+            engine.linears.pool.wait_ready()
+            held = [t for t in tensors_held(engine) if t.data_ptr() != engine.trusted.embed.data_ptr()]
+            pool = engine.linears.pool
+            assert pool.stats.server_rows > 0
+            pool_worth = sum(rows * sum(tiny_weights.shape(op)) * 8 for op, _ in tiny_weights.served_keys())
+            assert pool_bytes(pool) <= 2 * pool_worth  # a partly taken batch is held whole until its last row goes
+    assert not [t for t in held if t.dtype == torch.int8]
+    vectors = engine.linears.ring_verifier.ws
+    assert sum(nbytes(t) for t in vectors.values()) < 0.01 * linear_params(tiny_weights) * 2
 
 
 @pytest.mark.parametrize("privacy,dtype", [("otp", "float32"), ("plain", "bfloat16"), ("plain", "float32")])

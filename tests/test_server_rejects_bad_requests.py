@@ -32,6 +32,10 @@ BAD_CALLS = [
     ("wrong width", dict(op=Op.QKV, layer=0, tensors=[torch.randn(2, HIDDEN + 1)]), ErrorCode.BAD_SHAPE, "65"),
     ("width of another op", dict(op=Op.DOWN, layer=0, tensors=[X]), ErrorCode.BAD_SHAPE, "DOWN"),
     ("two tensors", dict(op=Op.QKV, layer=0, tensors=[X, X]), ErrorCode.BAD_FRAMES, "got 2"),
+    ("pads from a plain server", dict(op=Op.PADS, layer=0, tensors=[torch.zeros(4, dtype=torch.int64)]),
+     ErrorCode.UNKNOWN_METHOD, "otp mode only"),
+    ("a pad key to a plain server", dict(op=Op.PAD_KEY, layer=0, payload=bytes(24)), ErrorCode.UNKNOWN_METHOD,
+     "otp mode only"),
 ]
 HEADER = encode_header(Op.QKV, 1, 0, [X])
 BAD_FRAMES = [

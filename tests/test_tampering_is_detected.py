@@ -2,12 +2,10 @@
 
 The liar is the real server behind a proxy (in this process) that rewrites chosen replies.
 """
-import threading
-
 import pytest
 import torch
-import zmq
 
+from rewriting_proxy import RewritingProxy
 from teegpu.errors import IntegrityError
 from teegpu.options import rpcs_per_forward
 from teegpu.protocol import LINEAR_OPS, Op, TensorDesc, decode_header, encode_header, tensor_frame
@@ -19,40 +17,14 @@ OTP_TAMPERS = ["noise", "plus_one", "top_bit", "replay", "swap_rows", "wrong_dty
 FORWARD = rpcs_per_forward(30)
 
 
-class TamperingProxy:
+class TamperingProxy(RewritingProxy):
     """Forwards requests to the real server; from linear request number `start` on, rewrites the
     reply of QKV layer 0 (every op for noise/zero) the way `mode` says."""
 
     def __init__(self, server_url: str, mode: str, start: int):
         self.mode, self.start, self.linear_requests, self.tampered = mode, start, 0, 0
-        ctx = zmq.Context.instance()
-        self.front = ctx.socket(zmq.ROUTER)
-        self.front.bind("tcp://127.0.0.1:*")
-        self.url = self.front.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.back = ctx.socket(zmq.DEALER)
-        self.back.connect(server_url)
         self.previous = None  # the last honest QKV layer-0 reply, for replay
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self):
-        poller = zmq.Poller()
-        poller.register(self.front, zmq.POLLIN)
-        poller.register(self.back, zmq.POLLIN)
-        client = None
-        while not self.stop.is_set():
-            events = dict(poller.poll(50))
-            if self.front in events:
-                client, *msg = self.front.recv_multipart()
-                self.back.send_multipart(msg)
-            if self.back in events:
-                reply = self.back.recv_multipart()
-                self.front.send_multipart([client, *self.rewrite(reply)])
-
-    def rewrite(self, reply):
-        """The reply after the envelope's delimiter, rewritten; the delimiter kept."""
-        return [b"", *self._rewrite(reply[1:])]
+        super().__init__(server_url)
 
     def _rewrite(self, reply):
         head = decode_header(reply[0])
@@ -88,12 +60,6 @@ class TamperingProxy:
         elif mode == "swap_rows":
             out[[0, 1]] = out[[1, 0]]
         return [encode_header(head.op, head.request_id, head.layer, [out]), bytes(tensor_frame(out))]
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
-        self.front.close(0)
-        self.back.close(0)
 
 
 def run_tampered(weights, tok, server_url, privacy, mode, verify=True):

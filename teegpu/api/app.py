@@ -50,7 +50,8 @@ class Service:
         self.api, self.engine_config, self.scheduler_config = api, engine_config, scheduler_config
         self.attestation = identity.attestation if identity is not None else ATTESTATION_NONE
         self.evidence = evidence or {"attestation": ATTESTATION_NONE, "quote": None, "certificate": None,
-                                     "privacy": engine_config.privacy, "versions": versions()}
+                                     "privacy": engine_config.privacy, "pads": engine_config.pads,
+                                     "versions": versions()}
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: BaseException | None = None
@@ -164,7 +165,9 @@ def _install_info_routes(app: FastAPI, service: Service) -> None:
     @app.get("/metrics")
     async def metrics():
         running, waiting = service.scheduler.counts() if service.scheduler else (0, 0)
-        return Response(service.metrics.render(running, waiting), media_type="text/plain; version=0.0.4")
+        pool = getattr(service.engine.linears, "pool", None) if service.engine else None
+        return Response(service.metrics.render(running, waiting, pool.stats.as_dict() if pool else None),
+                        media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -185,6 +188,7 @@ def model_card(service: Service) -> dict:
     engine = service.engine
     return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "teegpu",
             "fingerprint": engine.weights.fingerprint, "privacy": service.engine_config.privacy,
+            "pads": service.engine_config.pads,
             "verify": service.engine_config.verify, "max_model_len": engine.config.max_position_embeddings}
 
 
@@ -392,5 +396,6 @@ def attested_identity(api: ApiConfig, engine_config: EngineConfig, provider=None
     and the privacy mode (hashing the file takes a few seconds for a 1B model)."""
     provider = provider if provider is not None else quote_provider(api.attestation)
     model_hash = model_sha256(resolve_model_path(engine_config.model))
-    identity = AttestedIdentity.create(provider, model_hash, engine_config.privacy, __version__, api.host)
-    return identity, identity.evidence(model_hash, engine_config.privacy, versions())
+    identity = AttestedIdentity.create(provider, model_hash, engine_config.privacy, __version__, api.host,
+                                       engine_config.pads)
+    return identity, identity.evidence(model_hash, engine_config.privacy, versions(), engine_config.pads)

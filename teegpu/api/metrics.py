@@ -28,10 +28,23 @@ class ApiMetrics:
         self.server_compute = Histogram("teegpu_server_compute_seconds_per_step",
                                         "the GPU server's compute during one step", buckets=LATENCY_BUCKETS,
                                         registry=r)
+        self.pads = Gauge("teegpu_pads", "otp: 1 for where the pads' products come from now (server, local, "
+                          "local-fallback: every pad server is down)", ["source"], registry=r)
+        self.pad_rows = Gauge("teegpu_pad_rows", "otp: pad rows made, by where their products were computed",
+                              ["source"], registry=r)
+        self.pad_outages = Gauge("teegpu_pad_server_outages", "otp: times every pad server was found down",
+                                 registry=r)
         self.integrity_failures = Counter("teegpu_integrity_failures", "products that failed verification",
                                           registry=r)
 
-    def render(self, running: int, waiting: int) -> bytes:
+    def render(self, running: int, waiting: int, pool: dict | None = None) -> bytes:
+        """The exposition; `pool`: the mask pool's stats (otp)."""
         self.running.set(running)
         self.waiting.set(waiting)
+        if pool is not None:
+            for source in ("server", "local", "local-fallback"):
+                self.pads.labels(source).set(1 if pool["pads"] == source else 0)
+            self.pad_rows.labels("server").set(pool["server_rows"])
+            self.pad_rows.labels("local").set(pool["rows_filled"] if pool["pads"] == "local" else pool["fallback_rows"])
+            self.pad_outages.set(pool["pad_outages"])
         return generate_latest(self.registry)

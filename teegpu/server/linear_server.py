@@ -17,10 +17,12 @@ from teegpu.model.loading import load_weights
 from teegpu.model.products import kernels, linear, pack, product_threads
 from teegpu.model.weights import ModelWeights
 from teegpu.protocol import (
-    ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, MAX_ROWS, PROTOCOL_VERSION, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
+    ALIGN, ATTACHED, ATTENTION_OPS, DOORBELL, FLAG_SHM, LINEAR_OPS, MAX_ROWS, PAD_KEY_FRAME, PADS_FIELDS, PROTOCOL_VERSION,
+    REGISTERED, WIRE_DTYPES, ErrorCode, Hello, Op, TensorDesc,
     decode_header, encode_header, reply_offsets, request_id_of, request_kind, shm_offsets, tensor_frame,
     tensors_from_frames, with_request_id,
 )
+from teegpu.pads import expand_pads
 from teegpu.ring import quantize_linears, ring_matmul
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
@@ -28,6 +30,7 @@ from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 MAX_PLANS = 1024  # validated request kinds remembered (all regions together)
+MAX_PAD_KEYS = 4096  # pad keys held (one per trusted session); the oldest goes first
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ class LinearServer:
         self.doorbell = doorbell  # poll the attached regions' doorbells
         self.threads = torch.get_num_threads()  # per product: product_threads of its size, of CORES
         self.plans: dict[tuple, _Plan] = {}  # (client, request kind) -> views and reply; dropped at any attach
+        self.pad_keys: OrderedDict[int, bytes] = OrderedDict()  # otp pad server: key id -> 128-bit key
 
     def hello(self) -> Hello:
         return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
@@ -106,12 +110,17 @@ class LinearServer:
             return self._attach(msg, head)
         if op == Op.RING:
             return None
+        if op == Op.PAD_KEY:
+            return self._register_key(msg, head)
         region, inputs, request_end = self._inputs(msg.key, head, frames)
         if op == Op.SINK:
             if len(inputs) != 1:
                 raise ProtocolError(ErrorCode.BAD_FRAMES, f"SINK takes 1 tensor, got {len(inputs)}")
             return encode_header(op, head.request_id, head.layer), []
-        self._validate(op, head.layer, inputs)
+        if op == Op.PADS:  # the pads' product: the weight's own op, on pads expanded here
+            op, inputs = self._pads(head.layer, inputs)
+        else:
+            self._validate(op, head.layer, inputs)
         out_shape = self._out_shape(op, head.layer, inputs)
         out = None
         if region is not None:  # the reply goes after the request when it fits
@@ -122,9 +131,9 @@ class LinearServer:
         result = self._compute(op, head.layer, inputs, out)
         compute_ns = time.perf_counter_ns() - start_ns
         overhead_ns = time.perf_counter_ns() - received_ns - compute_ns
-        reply = encode_header(op, head.request_id, head.layer, [result], compute_ns=compute_ns,
+        reply = encode_header(head.op, head.request_id, head.layer, [result], compute_ns=compute_ns,
                               overhead_ns=overhead_ns, flags=FLAG_SHM if out is not None else 0)
-        if out is not None:
+        if out is not None and head.op != Op.PADS:  # a PADS request's inputs are expanded anew each time
             self._remember(msg.key, raw, _Plan(op, head.layer, inputs, out,
                                                encode_header(op, 0, head.layer, [out], flags=FLAG_SHM)))
         return reply, [] if out is not None else [tensor_frame(result)]
@@ -175,6 +184,37 @@ class LinearServer:
             old.close()
         answer = ATTACHED + DOORBELL if self.doorbell else ATTACHED
         return encode_header(Op.ATTACH_SHM, head.request_id, head.layer), [answer]
+
+    def _register_key(self, msg: Incoming, head) -> tuple[bytes, list]:
+        """PAD_KEY: hold a trusted session's pad key (it came over CURVE where configured)."""
+        if self.privacy != "otp":
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, "PAD_KEY: pads are served in otp mode only")
+        if len(msg.frames) != 1 or head.tensors or len(msg.frames[0]) != PAD_KEY_FRAME.size:
+            raise ProtocolError(ErrorCode.BAD_FRAMES, f"PAD_KEY takes one frame of {PAD_KEY_FRAME.size} bytes")
+        key_id, key = PAD_KEY_FRAME.unpack(bytes(msg.frames[0]))
+        self.pad_keys[key_id] = key
+        self.pad_keys.move_to_end(key_id)
+        while len(self.pad_keys) > MAX_PAD_KEYS:
+            self.pad_keys.popitem(last=False)
+        return encode_header(Op.PAD_KEY, head.request_id, head.layer), [REGISTERED]
+
+    def _pads(self, layer: int, inputs: list[torch.Tensor]) -> tuple[Op, list[torch.Tensor]]:
+        """PADS [key id, nonce, op, rows]: the weight's op and the pad rows to multiply by it."""
+        if self.privacy != "otp":
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, "PADS: pads are served in otp mode only")
+        if len(inputs) != 1 or inputs[0].dtype != torch.int64 or tuple(inputs[0].shape) != (PADS_FIELDS,):
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"PADS takes one int64 tensor of {PADS_FIELDS} values")
+        key_id, nonce, op, rows = inputs[0].tolist()
+        if op not in (*LINEAR_OPS, Op.LM_HEAD):
+            raise ProtocolError(ErrorCode.UNKNOWN_METHOD, f"PADS: op {op} is not a linear layer")
+        op = Op(op)
+        if not 1 <= rows <= MAX_ROWS:
+            raise ProtocolError(ErrorCode.BAD_SHAPE, f"PADS: {rows} rows, expected 1..{MAX_ROWS}")
+        self._validate(op, layer, [torch.empty(1, self.shapes.get((op, layer), (0, 0))[1], dtype=self.dtype)])
+        key = self.pad_keys.get(key_id)
+        if key is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_KEY, f"PADS: key id {key_id} is not held here (register it)")
+        return op, [expand_pads(key, nonce % (1 << 64), op, layer, rows, self.shapes[op, layer][1])]
 
     def _validate(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> None:
         cfg = self.config

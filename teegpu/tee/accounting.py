@@ -1,6 +1,8 @@
 """What one generation cost: its timings, its RPCs and their time split, for results and logs."""
 from __future__ import annotations
 
+import time
+
 from teegpu.options import rpcs_per_forward
 
 
@@ -11,8 +13,13 @@ class GenerationClock:
     def __init__(self, engine):
         self.engine = engine
         self.before = engine.rpc_summary()
+        # the trusted process's CPU time (all its threads: the mask pool's, the pad client's) at the
+        # start, and once the prefill is done
+        self.cpu_s = [time.process_time()]
 
     def phase(self, seq) -> None:
+        if seq.decoding and len(self.cpu_s) == 1:
+            self.cpu_s.append(time.process_time())
         tel = self.engine.telemetry
         if tel is not None:
             tel.phase, tel.token = ("decode" if seq.decoding else "prefill"), len(seq.out)
@@ -25,6 +32,7 @@ class GenerationClock:
         decode_ms = seq.decode_s * 1000
         timings = {"load_s": round(load_s, 3), "prefill_ms": round(prefill_ms, 3),
                    "decode_ms_per_token": round(decode_ms / seq.decode_steps, 3) if seq.decode_steps else None}
+        timings.update(self.cpu_times(seq.decode_steps))
         breakdown = rpc.get("breakdown_ms")
         if breakdown:  # the trusted side's own compute: forward time outside the RPCs
             timings["trusted_ms"] = round(prefill_ms + decode_ms - breakdown["total_ms"], 3)
@@ -43,6 +51,15 @@ class GenerationClock:
         return timings, rpc
 
 
+    def cpu_times(self, decode_steps: int) -> dict:
+        """The trusted process's CPU time (time.process_time) in the prefill and per decoded token."""
+        end = time.process_time()
+        prefilled = self.cpu_s[1] if len(self.cpu_s) > 1 else end
+        return {"prefill_cpu_ms": round((prefilled - self.cpu_s[0]) * 1000, 3),
+                "decode_cpu_ms_per_token": round((end - prefilled) * 1000 / decode_steps, 3) if decode_steps else None}
+
+
 def difference(after: dict, before: dict) -> dict:
-    return {k: difference(v, before[k]) if isinstance(v, dict) else round(v - before[k], 3)
-            for k, v in after.items()}
+    """after - before, key by key; a label (a string) is after's."""
+    return {k: difference(v, before[k]) if isinstance(v, dict) else v if isinstance(v, str)
+            else round(v - before[k], 3) for k, v in after.items()}

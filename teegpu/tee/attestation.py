@@ -85,9 +85,10 @@ class AttestedIdentity:
     report_data: bytes
 
     @classmethod
-    def create(cls, provider, model_sha256: str, privacy: str, version: str, host: str) -> "AttestedIdentity":
+    def create(cls, provider, model_sha256: str, privacy: str, version: str, host: str,
+               pads: str = "local") -> "AttestedIdentity":
         key = ec.generate_private_key(ec.SECP256R1())
-        data = report_data(key.public_key(), model_sha256, privacy, version)
+        data = report_data(key.public_key(), model_sha256, privacy, version, pads)
         quote = provider.quote(data) if provider is not None else None
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "teegpu attested API")])
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -120,13 +121,13 @@ class AttestedIdentity:
             paths.append(path)
         return paths[0], paths[1]
 
-    def evidence(self, model_sha256: str, privacy: str, versions: dict) -> dict:
+    def evidence(self, model_sha256: str, privacy: str, versions: dict, pads: str = "local") -> dict:
         import base64
 
         return {"attestation": self.attestation,
                 "quote": base64.b64encode(self.quote).decode() if self.quote else None,
                 "certificate": self.cert_pem.decode(), "report_data": self.report_data.hex(),
-                "model_sha256": model_sha256, "privacy": privacy, "versions": versions}
+                "model_sha256": model_sha256, "privacy": privacy, "pads": pads, "versions": versions}
 
 
 def model_sha256(path: Path) -> str:

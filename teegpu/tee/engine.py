@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
 from teegpu.tee.linears import LocalLinears, handshake, open_linears
 from teegpu.tee.text_stream import TextStream
 from teegpu.transport import ClientCurve, RpcClient, private_endpoint
+from teegpu.transport.endpoint import parse_endpoint, same_host_reason
 
 PING_TIMEOUT_MS = 2_000  # a health probe's deadline, shorter than a product's
 THREADED_ROWS = 32  # with a server, steps of fewer rows (decode) run on one thread (trusted_threads)
@@ -122,6 +124,9 @@ class Engine:
                              data_plane=config.data_plane, control_plane=config.control_plane,
                              privacy=config.privacy, verify=config.verify,
                              mask_pool_rows=config.mask_pool_rows, curve=curve,
+                             pad_server=config.pad_server, pads=config.pads,
+                             pad_curve=ClientCurve(config.curve_secret, config.pad_curve_server_key)
+                             if config.pad_curve_server_key else None,
                              offload_attention=config.offload_attention, stop_ids=stop_ids)
         engine.server_process = proc
         engine.threads = config.threads or trusted_threads()
@@ -131,15 +136,22 @@ class Engine:
     def connect(cls, weights: ModelWeights, tokenizer, endpoint: str, timeout_ms: int = DEFAULT_TIMEOUT_MS,
                 data_plane: str = "socket", privacy: str = "plain", verify: bool = False,
                 mask_pool_rows: int = DEFAULT_MASK_POOL_ROWS, curve: ClientCurve | None = None,
-                control_plane: str = "doorbell", **kw) -> "Engine":
-        """An engine on already loaded weights, using the server at `endpoint` after a handshake."""
+                control_plane: str = "doorbell", pad_server: tuple[str, ...] = (), pads: str = "local",
+                pad_curve: ClientCurve | None = None, **kw) -> "Engine":
+        """An engine on already loaded weights, using the server at `endpoint` after a handshake (and
+        in otp mode the pad servers `pad_server`, if any: EngineConfig says what `pads` means)."""
         check_endpoint_reachable(endpoint)
         client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve, control_plane=control_plane)
+        pad_client = None
         try:
+            if pad_server:
+                pad_client = open_pad_client(list(pad_server), timeout_ms, data_plane, pad_curve)
             hello = handshake(client, weights, privacy)
-            linears = open_linears(client, weights, hello, privacy, verify, mask_pool_rows)
+            linears = open_linears(client, weights, hello, privacy, verify, mask_pool_rows, pad_client, pads)
         except BaseException:
             client.close()
+            if pad_client is not None:
+                pad_client.close()
             raise
         dtype = torch.float32 if privacy == "otp" else WIRE_DTYPES[hello.dtype]
         engine = cls(weights, tokenizer, linears, dtype=dtype, client=client, **kw)
@@ -285,6 +297,18 @@ class Engine:
     def rpc_summary(self) -> dict:
         """Calls, bytes and the time breakdown of every RPC so far (empty without a server)."""
         return self.linears.stats()
+
+
+def open_pad_client(endpoints: list[str], timeout_ms: int, data_plane: str, curve: ClientCurve | None) -> RpcClient:
+    """The client of a pad server pool. It is served by its own thread, which sleeps on the socket
+    while it waits (no doorbell polling: that would spend the trusted side's cores). Without CURVE
+    the pad key crosses the network in clear: said here (docs/security.md)."""
+    for endpoint in endpoints:
+        check_endpoint_reachable(endpoint)
+        if curve is None and same_host_reason(parse_endpoint(endpoint)) is not None:
+            print(f"teegpu: warning: the pad key goes to {endpoint} without CURVE: whoever reads that connection "
+                  "can remove the pads (docs/security.md)", file=sys.stderr, flush=True)
+    return RpcClient(endpoints, timeout_ms, data_plane=data_plane, curve=curve, control_plane="socket")
 
 
 def run_info(config: EngineConfig, hello: Hello, client: RpcClient) -> dict:

@@ -46,13 +46,25 @@ class RingVerifier:
         """unpadded = returned - R W^T, with R W^T exact: an error in the reply is the same error
         here, so Y s == x_q (W^T s) is Freivalds' test of the padded product too."""
         key = (op, layer)
-        lhs, rhs = ring_dot(unpadded, self.s[key]), ring_dot(xq, self.ws[key])
-        if not torch.equal(lhs, rhs):
-            rows = (lhs != rhs).any(1).nonzero().view(-1)
-            raise IntegrityError(op.name, layer, f"Freivalds check failed on rows {rows[:8].tolist()}")
+        self._freivalds(op, layer, unpadded, xq, "Freivalds check failed")
         bound = self.bound[key]
         if bool(((unpadded > bound) | (unpadded < -bound)).any()):  # not abs(): |-2^63| wraps in int64
             raise IntegrityError(op.name, layer, "unpadded result outside the range an honest product can have")
+
+
+    def check_pads(self, op, layer: int, r: torch.Tensor, rw: torch.Tensor) -> None:
+        """A pad server's R W^T against R (W^T s). R is uniform, so no range check applies here: an
+        error confined to high bits can pass this one, and is caught by `check`'s range check on
+        the unpadded result instead (docs/security.md)."""
+        self._freivalds(op, layer, rw, r, "the pad server's products fail Freivalds' check")
+
+    def _freivalds(self, op, layer: int, product: torch.Tensor, x: torch.Tensor, what: str) -> None:
+        """product s == x (W^T s) mod 2^64, row by row."""
+        key = (op, layer)
+        lhs, rhs = ring_dot(product, self.s[key]), ring_dot(x, self.ws[key])
+        if not torch.equal(lhs, rhs):
+            rows = (lhs != rhs).any(1).nonzero().view(-1)
+            raise IntegrityError(op.name, layer, f"{what} on rows {rows[:8].tolist()}")
 
 
 class FloatVerifier:

@@ -12,7 +12,7 @@ from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.ring import quantize_linears, quantize_rows, ring_matmul
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
-from teegpu.tee.mask_pool import MaskPool
+from teegpu.tee.mask_pool import LocalPads, MaskPool, PoolStats, ServerPads
 from teegpu.telemetry import RpcTelemetry
 from teegpu.transport import RpcClient
 
@@ -123,13 +123,26 @@ class OtpLinears(RemoteLinears):
     """
 
     def __init__(self, client: RpcClient, weights: ModelWeights, telemetry: RpcTelemetry | None = None,
-                 verify: bool = False, pool_rows: int = DEFAULT_MASK_POOL_ROWS, progress: bool = True):
+                 verify: bool = False, pool_rows: int = DEFAULT_MASK_POOL_ROWS, progress: bool = True,
+                 pad_client: RpcClient | None = None, pad_hello: Hello | None = None, pads: str = "local"):
+        """With `pad_client` (a pad server pool whose HELLO was `pad_hello`), the pads' products come
+        from there and no ring copy of the weights is kept here; `pads` server-or-local allows
+        building one when every pad server is down."""
         self.ring_verifier = RingVerifier(weights.served_shapes()) if verify else None
-        quantized = quantize_linears(weights, self.ring_verifier.add_rows if verify else None)
+        quantized = quantize_linears(weights, self.ring_verifier.add_rows if verify else None,
+                                     keep=pad_client is None)
         self.ring_fingerprint = quantized.fingerprint
         self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
         super().__init__(client, weights, torch.int64, telemetry)  # the exact ring check replaces the float one
-        self.pool = MaskPool(quantized.weights, pool_rows, progress=progress)
+        shapes, stats = weights.served_shapes(), PoolStats()
+        if pad_client is None:
+            source = LocalPads(quantized.weights)
+        else:  # the pad servers multiply by the same integer weights, or they are refused
+            fingerprint = check_server(pad_hello, weights, "otp", self.ring_fingerprint).ring_fingerprint
+            pad_client.on_connect = lambda other: check_server(other, weights, "otp", fingerprint)
+            fallback = (lambda: LocalPads(quantize_linears(weights).weights)) if pads == "server-or-local" else None
+            source = ServerPads(pad_client, shapes, stats, fallback)
+        self.pool = MaskPool(shapes, source, pool_rows, progress=progress, stats=stats)
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         xq, sx = quantize_rows(x)
@@ -139,17 +152,19 @@ class OtpLinears(RemoteLinears):
         """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
         padded server. The RPC's record starts once the pads are taken: pads made online count in the
         pool's stall time."""
-        r, rw = self.pool.take((op, layer), xq.shape[0])
+        taken = self.pool.take((op, layer), xq.shape[0])
         started = time.perf_counter_ns()
-        padded = xq.add_(r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
+        padded = xq.add_(taken.r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
         returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
                               snapshot=False)
         # one read of the reply: a reply in the shared region is copied out (the server can write
         # there at any time); one in a message of its own is ours, and is unpadded in place
         y = returned.clone() if self.client.shm is not None and self.client.shm.holds(returned) else returned
-        self.pool.unpad((op, layer), y, r, rw)
-        if self.ring_verifier is not None:
-            self.ring_verifier.check(op, layer, padded - r, y)
+        verifier = self.ring_verifier
+        check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
+        self.pool.unpad((op, layer), y, taken, check)
+        if verifier is not None:
+            verifier.check(op, layer, padded - taken.r, y)
         return y
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -198,7 +213,8 @@ def check_server(hello: Hello, weights: ModelWeights, privacy: str, ring_fingerp
 
 
 def open_linears(client: RpcClient, weights: ModelWeights, hello: Hello, privacy: str, verify: bool,
-                 pool_rows: int = DEFAULT_MASK_POOL_ROWS) -> RemoteLinears:
+                 pool_rows: int = DEFAULT_MASK_POOL_ROWS, pad_client: RpcClient | None = None,
+                 pads: str = "local") -> RemoteLinears:
     """The linears for a server that passed `handshake`; in otp mode also compare the integer weights.
     Every server the client reconnects to later (a retry, a failover) passes the same checks, and
     in plain mode must serve the same dtype."""
@@ -206,7 +222,9 @@ def open_linears(client: RpcClient, weights: ModelWeights, hello: Hello, privacy
         linears = RemoteLinears(client, weights, WIRE_DTYPES[hello.dtype], verify=verify)
         client.on_connect = lambda other: same_dtype(check_server(other, weights, privacy), hello)
         return linears
-    linears = OtpLinears(client, weights, verify=verify, pool_rows=pool_rows)
+    pad_hello = handshake(pad_client, weights, privacy) if pad_client is not None else None
+    linears = OtpLinears(client, weights, verify=verify, pool_rows=pool_rows, pad_client=pad_client,
+                         pad_hello=pad_hello, pads=pads)
     try:
         check_server(hello, weights, privacy, linears.ring_fingerprint)
     except HandshakeError:

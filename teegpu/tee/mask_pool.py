@@ -1,27 +1,44 @@
-"""One-time pads and their products, computed ahead of need.
+"""One-time pads and their products, made ahead of need.
 
-For each weight (op, layer) the pool holds rows of pads R, uniform over Z/2^64 from
-os.urandom, and their products R*W^T mod 2^64. A request of T rows takes T fresh rows;
-a row is never handed out twice. A background thread (at the lowest scheduling
-priority, so it takes idle time only) keeps every key topped up to `rows` rows; if the
-online path finds too few, it computes the rest itself and counts a stall.
+For each weight (op, layer) the pool holds rows of pads R, uniform over Z/2^64, and their
+products R*W^T mod 2^64. A request of T rows takes T fresh rows; a row is never handed out
+twice. Where they come from is the pool's source:
+
+- LocalPads: R from os.urandom, R*W^T computed here (the trusted side pays every product).
+- ServerPads: R expanded from a key shared with a pad server (pads.py), R*W^T computed by that
+  second, non-colluding server; here only the expansion, the subtraction and the checks.
+
+A background thread (at the lowest scheduling priority) keeps every key topped up to `rows`
+rows. A request that finds too few makes the rest online: locally, a stall; from a pad server,
+one request per block of rows, sent at once together with the same rows for every later weight
+of the forward pass, so that the pad server computes them while the main server computes the
+products.
 """
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from teegpu.errors import ConfigError
+from teegpu.errors import ConfigError, HandshakeError, ServerError, ServerUnavailable
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
+from teegpu.pads import KEY_BYTES, expand_pads
+from teegpu.protocol import PAD_KEY_FRAME, ErrorCode, Op
 from teegpu.ring import ring_matmul
 
 STALL_CHUNK_ROWS = 64  # pads' products computed online, this many rows at a time
+PAD_BLOCK_ROWS = 256  # rows of one pad-server request: a long prefill's pads arrive block by block
+PAD_RETRY_S = 10.0  # after every pad server failed, how long before they are tried again
+PROBE_MS = 2_000  # a down pad server's health probe
+ONLINE, AHEAD, BACKGROUND = 0, 1, 2  # pad-server request priorities
 
 RANDOM_CHUNK_BYTES = 1 << 20
 
@@ -43,29 +60,193 @@ def fill_random(out: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PoolStats:
-    rows_filled: int = 0  # rows computed, counted per key
-    fill_ms: float = 0.0  # time spent computing them (background and stalls)
+    pads: str = "local"  # where the products come from now: local, server, or local-fallback
+    rows_filled: int = 0  # rows made, counted per key
+    fill_ms: float = 0.0  # local: time spent computing them (background and stalls)
     rows_used: int = 0
     stalls: int = 0  # online requests that found too few rows
     stall_rows: int = 0
-    stall_ms: float = 0.0
+    stall_ms: float = 0.0  # local: products computed online; server: waiting for pad replies
+    pad_requests: int = 0  # pad-server requests answered
+    server_rows: int = 0  # rows whose products a pad server computed
+    pad_failovers: int = 0  # pad-server requests that moved to another server of the pool
+    pad_outages: int = 0  # times every pad server was found down
+    fallback_rows: int = 0  # rows whose products were computed here because every pad server was down
 
     def as_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+class PadBatch:
+    """Rows of pads for one weight and their products: `rw` once `ready` is set (None: computed
+    by `unpad` from R, a local stall), or `error`."""
+
+    def __init__(self, key, rows: int, r: torch.Tensor | None = None, rw: torch.Tensor | None = None,
+                 nonce: int = 0, expand: Callable | None = None):
+        self.key, self.rows, self.nonce = key, rows, nonce
+        self.rw, self.error = rw, None
+        self._r, self._expand, self._lock = r, expand, threading.Lock()
+        self.ready = threading.Event()
+        if expand is None:
+            self.ready.set()
+
+    def pads(self) -> torch.Tensor:
+        """R, expanded on first use (by whichever thread needs it first)."""
+        with self._lock:
+            if self._r is None:
+                self._r = self._expand(self)
+            return self._r
+
+    def finish(self, rw: torch.Tensor | None = None, error: BaseException | None = None) -> None:
+        self.rw, self.error = rw, error
+        self.ready.set()
+
+
+@dataclass
+class Taken:
+    """Rows handed to one request: R, and where each part's products lie."""
+
+    r: torch.Tensor
+    parts: list  # (batch, first row in the batch, rows)
+
+
+class LocalPads:
+    """R from the OS's CSPRNG, R*W^T computed here. `weights`: {(op, layer): RingWeight}."""
+
+    def __init__(self, weights: dict):
+        self.weights = weights
+
+    def make(self, key, rows: int, priority: int) -> PadBatch:
+        r = random_ring((rows, self.weights[key].d_in))
+        if priority == ONLINE:  # products computed by `unpad`, a chunk at a time, when the reply is in
+            return PadBatch(key, rows, r)
+        return PadBatch(key, rows, r, ring_matmul(r, self.weights[key]))
+
+    def products(self, key, r: torch.Tensor) -> torch.Tensor:
+        return ring_matmul(r, self.weights[key])
+
+    def close(self) -> None:
+        pass
+
+
+class ServerPads:
+    """R expanded from a fresh 128-bit key that the pad server holds too; R*W^T from the pad
+    server, requested by one worker thread (which owns the pad client) in priority order.
+
+    `fallback` builds a LocalPads when every pad server is down (--pads server-or-local); without
+    it such a batch fails with ServerUnavailable. The fallback is said on stderr and in stats."""
+
+    def __init__(self, client, shapes: dict, stats: PoolStats, fallback: Callable[[], LocalPads] | None = None):
+        self.client, self.shapes, self.stats = client, shapes, stats
+        self.key = os.urandom(KEY_BYTES)
+        self.key_id = int.from_bytes(os.urandom(8), "little") >> 1  # positive int64
+        self.next_nonce = 1  # unique per request under this key: no pad is ever made twice
+        self._fallback, self._local = fallback, None
+        self._down_until = 0.0
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = 0
+        self._nonce_lock = threading.Lock()
+        stats.pads = "server"
+        self.register()
+        self._thread = threading.Thread(target=self._work, name="pad-client", daemon=True)
+        self._thread.start()
+
+    def register(self) -> None:
+        """Give the pad server our key (over CURVE when configured: docs/security.md)."""
+        self.client.call(Op.PAD_KEY, 0, payload=PAD_KEY_FRAME.pack(self.key_id, self.key))
+
+    def make(self, key, rows: int, priority: int) -> PadBatch:
+        with self._nonce_lock:
+            nonce, self.next_nonce = self.next_nonce, self.next_nonce + 1
+            self._order += 1
+            order = self._order
+        batch = PadBatch(key, rows, nonce=nonce, expand=self._expand)
+        self._jobs.put((priority, order, batch))
+        return batch
+
+    def _expand(self, batch: PadBatch) -> torch.Tensor:
+        op, layer = batch.key
+        return expand_pads(self.key, batch.nonce, op, layer, batch.rows, self.shapes[batch.key][1])
+
+    def products(self, key, r: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("pad-server batches arrive with their products")
+
+    def _work(self) -> None:
+        while True:
+            _, _, batch = self._jobs.get()
+            if batch is None:
+                return
+            try:
+                batch.finish(self._products(batch))
+            except BaseException as e:  # noqa: BLE001 -- handed to the request that takes these rows
+                batch.finish(error=e)
+
+    def _products(self, batch: PadBatch) -> torch.Tensor:
+        """R*W^T of one batch: from the pad server pool, or here when all are down and that is allowed."""
+        now = time.monotonic()
+        if now >= self._down_until and (not self._down_until or self.client.probe(PROBE_MS)):
+            try:
+                rw = self._request(batch)
+                self.stats.pads = "server"
+                return rw
+            except ServerUnavailable as e:
+                self._down_until = time.monotonic() + PAD_RETRY_S
+                self.stats.pad_outages += 1
+                if self._fallback is None:
+                    raise
+                print(f"teegpu: every pad server is down ({e}); computing pads locally (--pads server-or-local), "
+                      f"trying the pad servers again every {PAD_RETRY_S:.0f} s", file=sys.stderr, flush=True)
+        elif self._down_until and now >= self._down_until:
+            self._down_until = now + PAD_RETRY_S  # the probe failed: still down
+        if self._fallback is None:
+            raise ServerUnavailable(f"every pad server was down within the last {PAD_RETRY_S:.0f} s "
+                                    "(--pads server: no local fallback)")
+        if self._local is None:
+            self._local = self._fallback()
+        self.stats.pads, self.stats.fallback_rows = "local-fallback", self.stats.fallback_rows + batch.rows
+        return self._local.products(batch.key, batch.pads())
+
+    def _request(self, batch: PadBatch) -> torch.Tensor:
+        op, layer = batch.key
+        fields = torch.tensor([self.key_id, batch.nonce, int(op), batch.rows], dtype=torch.int64)
+        failovers = self.client.stats.failovers
+        try:
+            reply = self.client.call(Op.PADS, layer, (fields,))
+        except ServerError as e:
+            if e.code != ErrorCode.UNKNOWN_KEY:  # else: the server restarted, or we failed over
+                raise
+            self.register()
+            reply = self.client.call(Op.PADS, layer, (fields,))
+        self.stats.pad_requests += 1
+        self.stats.server_rows += batch.rows
+        self.stats.pad_failovers += self.client.stats.failovers - failovers
+        (rw,) = reply.tensors
+        want = (batch.rows, self.shapes[batch.key][0])
+        if rw.dtype != torch.int64 or tuple(rw.shape) != want:
+            raise HandshakeError(f"pad server replied {rw.dtype} {list(rw.shape)} to a request for int64 {list(want)}")
+        return rw.clone() if self.client.shm is not None and self.client.shm.holds(rw) else rw
+
+    def close(self) -> None:
+        self._jobs.put((-1, 0, None))
+        self._thread.join(timeout=30)
+        self.client.close()
+
+
 class MaskPool:
-    def __init__(self, weights: dict, rows: int = DEFAULT_MASK_POOL_ROWS, background: bool = True,
-                 progress: bool = True):
-        """weights: {(op, layer): RingWeight}; rows kept ready per key, refilled in one batch once
-        a key falls to half (batches are cheaper, and a pool sized for a whole generation is
-        not refilled during it)."""
+    def __init__(self, shapes: dict, source, rows: int = DEFAULT_MASK_POOL_ROWS, background: bool = True,
+                 progress: bool = True, stats: PoolStats | None = None):
+        """shapes: {(op, layer): (d_out, d_in)}; source: LocalPads or ServerPads; rows kept ready per
+        key, refilled in one batch once a key falls to half (batches are cheaper, and a pool sized
+        for a whole generation is not refilled during it)."""
         if rows < 1:
             raise ConfigError(f"mask pool rows must be at least 1, got {rows}")
-        self.weights, self.rows = weights, rows
-        self.stats = PoolStats()
-        self._ready: dict = {key: (torch.empty(0, w.d_in, dtype=torch.int64),
-                                   torch.empty(0, w.d_out, dtype=torch.int64)) for key, w in weights.items()}
+        self.shapes, self.source, self.rows = shapes, source, rows
+        self.stats = stats or PoolStats()
+        self.server = isinstance(source, ServerPads)
+        self._queue: dict = {key: deque() for key in shapes}  # [batch, next row] not yet handed out
+        self._have: dict = {key: 0 for key in shapes}  # rows in the queue (ready or on their way)
+        # the forward pass's order of weights (the LM head's rows are the logit rows: not ahead)
+        self._order = sorted((k for k in shapes if k[1] >= 0), key=lambda k: (k[1], k[0]))
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -75,75 +256,118 @@ class MaskPool:
             self._thread = threading.Thread(target=self._refill_loop, name="mask-pool", daemon=True)
             self._thread.start()
 
-    def _compute(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """n fresh pad rows, their products, and the milliseconds it took (counted as fill time)."""
-        t0 = time.perf_counter()
-        r = random_ring((n, self.weights[key].d_in))
-        rw = ring_matmul(r, self.weights[key])
-        ms = (time.perf_counter() - t0) * 1000
-        with self._lock:
-            self.stats.rows_filled += n
-            self.stats.fill_ms += ms
-        return r, rw, ms
-
-    def _fill(self, key, n: int) -> None:
-        """Compute n rows for key (outside the lock) and append them to its ready rows."""
-        r, rw, _ = self._compute(key, n)
-        with self._lock:
-            old_r, old_rw = self._ready[key]
-            self._ready[key] = (torch.cat([old_r, r]), torch.cat([old_rw, rw]))
+    def _make(self, key, rows: int, priority: int) -> None:
+        """Make `rows` more rows for key (outside the lock) and queue them, in blocks."""
+        for start in range(0, rows, PAD_BLOCK_ROWS if self.server else rows):
+            n = min(rows - start, PAD_BLOCK_ROWS) if self.server else rows
+            t0 = time.perf_counter()
+            batch = self.source.make(key, n, priority)
+            with self._lock:
+                if not self.server:
+                    self.stats.fill_ms += (time.perf_counter() - t0) * 1000
+                self.stats.rows_filled += n
+                self._queue[key].append([batch, 0])
+                self._have[key] += n
 
     def refill(self) -> None:
         """Top every key up to `rows` now (benchmarks: outside the timed part)."""
-        for key in self.weights:
+        for key in self.shapes:
             with self._lock:
-                need = self.rows - self._ready[key][0].shape[0]
+                need = self.rows - self._have[key]
             if need > 0:
-                self._fill(key, need)
+                self._make(key, need, BACKGROUND)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Until every queued batch has its products (benchmarks)."""
+        with self._lock:
+            batches = [b for q in self._queue.values() for b, _ in q]
+        for b in batches:
+            b.ready.wait()
 
     def _fill_all(self, progress: bool) -> None:
-        """The first fill, with one progress bar on a terminal (it takes seconds per 100 weights)."""
-        bar = tqdm(self.weights, desc=f"mask pool ({self.rows} rows)", unit="weight", file=sys.stderr,
+        """The first fill, with one progress bar on a terminal (local pads: seconds per 100 weights)."""
+        bar = tqdm(self.shapes, desc=f"mask pool ({self.rows} rows)", unit="weight", file=sys.stderr,
                    leave=False, disable=not (progress and sys.stderr.isatty()))
         for key in bar:
-            self._fill(key, self.rows)
+            self._make(key, self.rows, BACKGROUND)
 
-    def take(self, key, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n fresh pad rows for this weight, removed from the pool, and the products of the first
-        rows (those that were ready; `unpad` computes the others' when the reply is in)."""
+    def take(self, key, n: int) -> Taken:
+        """n fresh pad rows for this weight, removed from the pool, and where their products lie.
+        Too few: the rest are made online (from a pad server: and the same rows for every later
+        weight of the forward pass that has too few, ahead of their requests)."""
+        parts = self._pop(key, n)
+        missing = n - sum(rows for _, _, rows in parts)
+        if missing:
+            with self._lock:
+                self.stats.stalls, self.stats.stall_rows = self.stats.stalls + 1, self.stats.stall_rows + missing
+            self._make(key, missing, ONLINE)
+            parts += self._pop(key, missing)
+            if self.server:
+                self._ahead(key, n)
         with self._lock:
-            r, rw = self._ready[key]
-            have = min(n, r.shape[0])
-            out_r, out_rw = r[:have], rw[:have]
-            self._ready[key] = (r[have:], rw[have:])
             self.stats.rows_used += n
             self._wake.notify()
-        if have < n:  # the pads themselves are cheap; their products wait for `unpad`
-            t0 = time.perf_counter()
-            all_r = torch.empty(n, self.weights[key].d_in, dtype=torch.int64)
-            all_r[:have] = out_r
-            fill_random(all_r[have:])
-            out_r = all_r
-            with self._lock:
-                self.stats.stall_ms += (time.perf_counter() - t0) * 1000
-        return out_r, out_rw
+        rs = [b.pads()[lo:lo + rows] for b, lo, rows in parts]
+        return Taken(rs[0] if len(rs) == 1 else torch.cat(rs), parts)
 
-    def unpad(self, key, y: torch.Tensor, r: torch.Tensor, rw: torch.Tensor) -> None:
-        """y -= R W^T in place: the ready products `rw` for the first rows, and for the rest (a
-        stall: the online path pays) products computed a chunk of rows at a time, so that a long
-        prefill never holds all its pads' products at once."""
-        have = rw.shape[0]
-        y[:have] -= rw
-        if have == r.shape[0]:
+    def _pop(self, key, n: int) -> list:
+        parts = []
+        with self._lock:
+            q = self._queue[key]
+            while n and q:
+                batch, lo = q[0]
+                rows = min(n, batch.rows - lo)
+                parts.append((batch, lo, rows))
+                n -= rows
+                self._have[key] -= rows
+                if lo + rows == batch.rows:
+                    q.popleft()
+                else:
+                    q[0][1] = lo + rows
+        return parts
+
+    def _ahead(self, key, n: int) -> None:
+        """Ask the pad server now for what the rest of this forward pass will take."""
+        if key not in self._order:
             return
+        for later in self._order[self._order.index(key) + 1:]:
+            with self._lock:
+                need = n - self._have[later]
+            if need > 0:
+                self._make(later, need, AHEAD)
+
+    def unpad(self, key, y: torch.Tensor, taken: Taken, check: Callable | None = None) -> None:
+        """y -= R W^T in place, part by part, waiting for products still on their way; `check(r, rw)`
+        sees each part's pads and products first (--verify: Freivalds on the pad server's reply).
+        Local stall rows are computed here, a chunk at a time, so that a long prefill never holds
+        all its pads' products at once."""
+        at = 0
+        for batch, lo, rows in taken.parts:
+            if not batch.ready.is_set():
+                t0 = time.perf_counter()
+                batch.ready.wait()
+                with self._lock:
+                    self.stats.stall_ms += (time.perf_counter() - t0) * 1000
+            if batch.error is not None:
+                raise batch.error
+            r = taken.r[at:at + rows]
+            if batch.rw is None:
+                self._products_online(key, y[at:at + rows], r)
+            else:
+                rw = batch.rw[lo:lo + rows]
+                if check is not None:
+                    check(r, rw)
+                y[at:at + rows] -= rw
+            at += rows
+
+    def _products_online(self, key, y: torch.Tensor, r: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        for i in range(have, r.shape[0], STALL_CHUNK_ROWS):
-            y[i:i + STALL_CHUNK_ROWS] -= ring_matmul(r[i:i + STALL_CHUNK_ROWS], self.weights[key])
+        for i in range(0, r.shape[0], STALL_CHUNK_ROWS):
+            y[i:i + STALL_CHUNK_ROWS] -= self.source.products(key, r[i:i + STALL_CHUNK_ROWS])
         ms = (time.perf_counter() - t0) * 1000
         with self._lock:
-            s, missing = self.stats, r.shape[0] - have
-            s.stalls, s.stall_rows, s.stall_ms = s.stalls + 1, s.stall_rows + missing, s.stall_ms + ms
-            s.rows_filled, s.fill_ms = s.rows_filled + missing, s.fill_ms + ms
+            self.stats.stall_ms, self.stats.fill_ms = self.stats.stall_ms + ms, self.stats.fill_ms + ms
 
     def _refill_loop(self) -> None:
         try:
@@ -152,18 +376,18 @@ class MaskPool:
             pass
         while True:
             with self._lock:
-                while not self._stop and all(r.shape[0] > self.rows // 2 for r, _ in self._ready.values()):
+                while not self._stop and all(have > self.rows // 2 for have in self._have.values()):
                     self._wake.wait()
                 if self._stop:
                     return
-                key = min(self._ready, key=lambda k: self._ready[k][0].shape[0])
-                need = self.rows - self._ready[key][0].shape[0]
-            self._fill(key, need)
+                key = min(self._have, key=self._have.get)
+                need = self.rows - self._have[key]
+            self._make(key, need, BACKGROUND)
 
     def offline_ms_per_token(self) -> float:
         """Pad precomputation per generated token: one row for every weight."""
         per_row = self.stats.fill_ms / max(self.stats.rows_filled, 1)
-        return per_row * len(self.weights)
+        return per_row * len(self.shapes)
 
     def close(self) -> None:
         with self._lock:
@@ -171,3 +395,4 @@ class MaskPool:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.source.close()

@@ -31,8 +31,8 @@ from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
 from teegpu.transport.endpoint import Endpoint, parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
-TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM)  # answered with one UTF-8 / JSON frame instead of tensors
-NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING)  # part of (re)connecting, not requests to ask again
+TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM, Op.PAD_KEY)  # answered with one UTF-8 / JSON frame, not tensors
+NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING, Op.PAD_KEY)  # part of (re)connecting, not requests to ask again
 TRIES = 3  # a request's deadline is shared by up to this many tries (more when tries fail fast)
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
 MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep on the socket at once
@@ -257,6 +257,21 @@ class RpcClient:
                 pass
         if refused is not None:
             raise refused
+
+    def probe(self, timeout_ms: int) -> bool:
+        """Whether a server of the pool answers HELLO within timeout_ms and passes `on_connect`,
+        the one in use first; the client stays on the first that does."""
+        for i in range(len(self.endpoints)):
+            if i:
+                self._switch((self._current + 1) % len(self.endpoints))
+            try:
+                hello = Hello.from_bytes(self.call(Op.HELLO, 0, timeout_ms=timeout_ms).payload)
+                if self.on_connect is not None:
+                    self.on_connect(hello)
+                return True
+            except (ServerUnavailable, ServerError, HandshakeError):
+                continue
+        return False
 
     def _switch(self, index: int) -> None:
         """Reopen the socket on endpoints[index]; its region (if any) is attached afresh."""
