@@ -103,10 +103,26 @@ def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 fixed-point rows, per-row float32 scale) of float activations (T, d_in)."""
+    """(int64 fixed-point rows, per-row float32 scale) of float activations (T, d_in), a block of
+    rows at a time (`block_rows`)."""
     x = x.float()
-    scale = (x.abs().amax(dim=1, keepdim=True) / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (x / scale).round_().clamp_(-ACT_MAX, ACT_MAX).to(torch.int64), scale
+    peak = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)  # max |x| per row, no |x| copy
+    scale = (peak / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.empty(x.shape, dtype=torch.int64)
+    step = block_rows(x.shape[1] * 4)
+    for i in range(0, x.shape[0], step):
+        out[i:i + step] = (x[i:i + step] / scale[i:i + step]).round_().clamp_(-ACT_MAX, ACT_MAX)
+    return out, scale
+
+
+SCRATCH_BYTES = 1 << 19  # temporaries of a row-wise pass stay below glibc's mmap threshold (1 MB)
+
+
+def block_rows(row_bytes: int) -> int:
+    """Rows per block of a row-wise pass whose temporaries take `row_bytes` a row: small enough to
+    come from the heap and be reused (a fresh mmap of a large temporary costs a page fault per 4 KB,
+    which was most of the trusted side's otp cost outside the products)."""
+    return max(1, SCRATCH_BYTES // row_bytes)
 
 
 def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -293,3 +293,35 @@ def test_with_every_pad_server_dead_the_allowed_fallback_says_so(smollm2, smollm
     assert result.token_ids == local_pads[0]
     assert stats["pads"] == "local-fallback" and stats["fallback_rows"] > 0 and stats["pad_outages"] >= 1
     assert "every pad server is down" in capfd.readouterr().err
+
+
+def test_the_api_with_a_pad_server_answers_as_local_pads(smollm2, smollm2_servers, pad_servers):
+    """`teegpu api --privacy otp --pad-server`: concurrent requests, batched by the scheduler, answer
+    as one otp sequence with local pads; /metrics and the evidence say where the pads come from."""
+    import concurrent.futures
+
+    import httpx
+    import openai
+    from api_process import ApiProcess
+
+    weights, tok = smollm2
+    main, pad = smollm2_servers("ipc", privacy="otp"), pad_servers("a").wait_ready()
+    prompts = [PROMPT, "Water boils at", "List three colours:"]
+    with Engine.connect(weights, tok, main, privacy="otp", data_plane="shm") as engine:
+        solo = [engine.generate(p, GenerationConfig(max_new_tokens=6, stop_at_eos=False)).text for p in prompts]
+    api = ApiProcess("--server", main, "--privacy", "otp", "--pad-server", pad, "--max-batch", "4")
+    try:
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        ask = lambda p: client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=6, temperature=0,  # noqa: E731
+                                                  extra_body={"ignore_eos": True}).choices[0].text
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, prompts))
+        metrics = httpx.get(api.url + "/metrics").text
+        evidence = httpx.get(api.url + "/.well-known/teegpu-attestation").json()
+    finally:
+        api.stop()
+    assert answers == solo
+    assert 'teegpu_pads{source="server"} 1.0' in metrics
+    server_rows = next(line for line in metrics.splitlines() if line.startswith('teegpu_pad_rows{source="server"}'))
+    assert float(server_rows.split()[-1]) > 0
+    assert evidence["privacy"] == "otp" and evidence["pads"] == "server-or-local"

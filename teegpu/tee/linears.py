@@ -10,13 +10,12 @@ from teegpu.model.products import kernels, linear, pack, product_threads
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
-from teegpu.ring import quantize_linears, quantize_rows, ring_matmul
+from teegpu.ring import block_rows, quantize_linears, quantize_rows, ring_matmul
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
 from teegpu.tee.mask_pool import LocalPads, MaskPool, PoolStats, ServerPads
 from teegpu.telemetry import RpcTelemetry
 from teegpu.transport import RpcClient
 
-RESCALE_ROWS = 128  # otp: rows rescaled at a time (float64 temporaries of this many rows)
 
 
 class LocalLinears:
@@ -157,12 +156,9 @@ class OtpLinears(RemoteLinears):
         padded = xq.add_(taken.r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
         returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
                               snapshot=False)
-        # one read of the reply: a reply in the shared region is copied out (the server can write
-        # there at any time); one in a message of its own is ours, and is unpadded in place
-        y = returned.clone() if self.client.shm is not None and self.client.shm.holds(returned) else returned
         verifier = self.ring_verifier
         check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
-        self.pool.unpad((op, layer), y, taken, check)
+        y = self.pool.unpad((op, layer), returned, taken, check)  # one read of the reply, wherever it lies
         if verifier is not None:
             verifier.check(op, layer, padded - taken.r, y)
         return y
@@ -181,10 +177,11 @@ class OtpLinears(RemoteLinears):
 def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float product of an exact integer one (T, d_out), row scales sx, column scales `scale`.
     The result takes the front bytes of each row of y, written a block of rows at a time once that
-    block has been read into float64: no second (T, d_out) buffer."""
+    block has been read into float64 (`block_rows`): no second (T, d_out) buffer."""
     out = y.view(dtype)[:, :y.shape[1]]
-    for i in range(0, y.shape[0], RESCALE_ROWS):
-        rows = slice(i, i + RESCALE_ROWS)
+    step = block_rows(y.shape[1] * 8)
+    for i in range(0, y.shape[0], step):
+        rows = slice(i, i + step)
         out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(scale)
     return out
 

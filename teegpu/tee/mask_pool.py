@@ -39,6 +39,7 @@ PAD_BLOCK_ROWS = 256  # rows of one pad-server request: a long prefill's pads ar
 PAD_RETRY_S = 10.0  # after every pad server failed, how long before they are tried again
 PROBE_MS = 2_000  # a down pad server's health probe
 ONLINE, AHEAD, BACKGROUND = 0, 1, 2  # pad-server request priorities
+AHEAD_WEIGHTS = 4  # a prefill asks for the pads of this many later weights (a layer) with its own
 
 RANDOM_CHUNK_BYTES = 1 << 20
 
@@ -328,21 +329,24 @@ class MaskPool:
         return parts
 
     def _ahead(self, key, n: int) -> None:
-        """Ask the pad server now for what the rest of this forward pass will take."""
+        """Ask the pad server now for what the next AHEAD_WEIGHTS weights of this forward pass will
+        take (a window, so that a long prefill's products do not all wait in memory at once)."""
         if key not in self._order:
             return
-        for later in self._order[self._order.index(key) + 1:]:
+        at = self._order.index(key)
+        for later in self._order[at + 1:at + 1 + AHEAD_WEIGHTS]:
             with self._lock:
                 need = n - self._have[later]
             if need > 0:
                 self._make(later, need, AHEAD)
 
-    def unpad(self, key, y: torch.Tensor, taken: Taken, check: Callable | None = None) -> None:
-        """y -= R W^T in place, part by part, waiting for products still on their way; `check(r, rw)`
-        sees each part's pads and products first (--verify: Freivalds on the pad server's reply).
-        Local stall rows are computed here, a chunk at a time, so that a long prefill never holds
-        all its pads' products at once."""
-        at = 0
+    def unpad(self, key, z: torch.Tensor, taken: Taken, check: Callable | None = None) -> torch.Tensor:
+        """z - R W^T, as a new tensor: each element of z (which may lie in the shared region, where
+        the server can write at any time) is read exactly once. Part by part, waiting for products
+        still on their way; `check(r, rw)` sees each part's pads and products first (--verify:
+        Freivalds on the pad server's reply). Local stall rows are computed here, a chunk at a
+        time, so that a long prefill never holds all its pads' products at once."""
+        y, at = torch.empty_like(z), 0
         for batch, lo, rows in taken.parts:
             if not batch.ready.is_set():
                 t0 = time.perf_counter()
@@ -353,13 +357,15 @@ class MaskPool:
                 raise batch.error
             r = taken.r[at:at + rows]
             if batch.rw is None:
+                y[at:at + rows] = z[at:at + rows]
                 self._products_online(key, y[at:at + rows], r)
             else:
                 rw = batch.rw[lo:lo + rows]
                 if check is not None:
                     check(r, rw)
-                y[at:at + rows] -= rw
+                torch.sub(z[at:at + rows], rw, out=y[at:at + rows])
             at += rows
+        return y
 
     def _products_online(self, key, y: torch.Tensor, r: torch.Tensor) -> None:
         t0 = time.perf_counter()
