@@ -30,6 +30,11 @@ _ZEROS = memoryview(bytes(CHUNK_BYTES))
 _BLOCK = struct.Struct(">QBHBI")
 
 
+def pad_words(rows: int, d_in: int) -> int:
+    """int64 words of the buffer expand_pads fills: the pads and two spare words (the keystream's margin)."""
+    return rows * d_in + 2
+
+
 def counter_block(nonce: int, op: int, layer: int) -> bytes:
     """The first AES-CTR counter block of the pads of one request (layout in the module docstring)."""
     if not 0 <= nonce < 1 << 64:
@@ -51,9 +56,14 @@ def write_keystream(key: bytes, block: bytes, room: torch.Tensor, nbytes: int) -
         encryptor.update_into(_ZEROS[:size], view[i:i + size + 15])
 
 
-def expand_pads(key: bytes, nonce: int, op: int, layer: int, rows: int, d_in: int) -> torch.Tensor:
-    """The pad rows R (rows, d_in) int64 of one request: uniform over Z/2^64, the same on both sides."""
+def expand_pads(key: bytes, nonce: int, op: int, layer: int, rows: int, d_in: int,
+                buf: torch.Tensor | None = None) -> torch.Tensor:
+    """The pad rows R (rows, d_in) int64 of one request: uniform over Z/2^64, the same on both sides.
+    Written into `buf` when given (a flat int64 tensor of pad_words(rows, d_in) words)."""
     n = rows * d_in
-    buf = torch.empty(n + 2, dtype=torch.int64)  # two spare words: the keystream's margin
+    if buf is None:
+        buf = torch.empty(pad_words(rows, d_in), dtype=torch.int64)
+    elif buf.numel() != pad_words(rows, d_in) or buf.dtype != torch.int64 or not buf.is_contiguous():
+        raise ValueError(f"a buffer of {pad_words(rows, d_in)} contiguous int64 words is needed")
     write_keystream(key, counter_block(nonce, op, layer), buf.view(torch.uint8), 8 * n)
     return buf[:n].view(rows, d_in)

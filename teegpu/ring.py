@@ -102,13 +102,13 @@ def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int64), scale.view(-1)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int64 fixed-point rows, per-row float32 scale) of float activations (T, d_in), a block of
-    rows at a time (`block_rows`)."""
+    rows at a time (`block_rows`); the rows are written into `out` when given."""
     x = x.float()
     peak = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)  # max |x| per row, no |x| copy
     scale = (peak / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    out = torch.empty(x.shape, dtype=torch.int64)
+    out = torch.empty(x.shape, dtype=torch.int64) if out is None else out
     step = block_rows(x.shape[1] * 4)
     for i in range(0, x.shape[0], step):
         out[i:i + step] = (x[i:i + step] / scale[i:i + step]).round_().clamp_(-ACT_MAX, ACT_MAX)

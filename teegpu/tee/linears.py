@@ -12,7 +12,7 @@ from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.ring import block_rows, quantize_linears, quantize_rows, ring_matmul
 from teegpu.tee.integrity import FloatVerifier, RingVerifier
-from teegpu.tee.mask_pool import LocalPads, MaskPool, PoolStats, ServerPads
+from teegpu.tee.mask_pool import LocalPads, MaskPool, PoolStats, Recycler, ServerPads
 from teegpu.telemetry import RpcTelemetry
 from teegpu.transport import RpcClient
 
@@ -32,7 +32,7 @@ class LocalLinears:
         if privacy == "otp":
             quantized = quantize_linears(weights)
             self.weights = quantized.weights
-            self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
+            self.scales = quantized.scales
         else:
             self.weights = {key: pack(w) for key, w in weights.served(dtype)}
 
@@ -52,7 +52,8 @@ class LocalLinears:
     def _ring_linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Exact integers: the same bits on any number of threads."""
         xq, sx = quantize_rows(x)
-        return rescale(ring_matmul(xq, self.weights[op, layer]), sx, self.scales[op, layer], x.dtype)
+        y = ring_matmul(xq, self.weights[op, layer])
+        return rescale(y, sx, self.scales[op, layer], x.dtype, torch.empty(y.shape, dtype=x.dtype))
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
@@ -131,36 +132,41 @@ class OtpLinears(RemoteLinears):
         quantized = quantize_linears(weights, self.ring_verifier.add_rows if verify else None,
                                      keep=pad_client is None)
         self.ring_fingerprint = quantized.fingerprint
-        self.scales = {key: scale.double() for key, scale in quantized.scales.items()}
+        self.scales = quantized.scales
         super().__init__(client, weights, torch.int64, telemetry)  # the exact ring check replaces the float one
-        shapes, stats = weights.served_shapes(), PoolStats()
+        shapes, stats, self.recycler = weights.served_shapes(), PoolStats(), Recycler()
         if pad_client is None:
             source = LocalPads(quantized.weights)
         else:  # the pad servers multiply by the same integer weights, or they are refused
             fingerprint = check_server(pad_hello, weights, "otp", self.ring_fingerprint).ring_fingerprint
             pad_client.on_connect = lambda other: check_server(other, weights, "otp", fingerprint)
             fallback = (lambda: LocalPads(quantize_linears(weights).weights)) if pads == "server-or-local" else None
-            source = ServerPads(pad_client, shapes, stats, fallback)
+            source = ServerPads(pad_client, shapes, stats, fallback, self.recycler)
         self.pool = MaskPool(shapes, source, pool_rows, progress=progress, stats=stats)
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
-        xq, sx = quantize_rows(x)
-        return rescale(self.integer_linear(op, layer, xq), sx, self.scales[op, layer], x.dtype)
+        xq, sx = quantize_rows(x, self.recycler.get(x.numel()).view(x.shape))
+        y = self.integer_linear(op, layer, xq, self.recycler.get(x.shape[0] * self.out_features[op, layer]))
+        out = rescale(y, sx, self.scales[op, layer], x.dtype, torch.empty(y.shape, dtype=x.dtype))
+        self.recycler.put(xq)  # sent and checked: the buffers serve the next request of their size
+        self.recycler.put(y)
+        return out
 
-    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor) -> torch.Tensor:
+    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
         padded server. The RPC's record starts once the pads are taken: pads made online count in the
-        pool's stall time."""
+        pool's stall time. The product is written into `out` (flat, T * d_out words) when given."""
         taken = self.pool.take((op, layer), xq.shape[0])
         started = time.perf_counter_ns()
-        padded = xq.add_(taken.r)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
+        padded = taken.add_to(xq)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
         returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
                               snapshot=False)
         verifier = self.ring_verifier
         check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
-        y = self.pool.unpad((op, layer), returned, taken, check)  # one read of the reply, wherever it lies
+        y = self.pool.unpad((op, layer), returned, taken, check, out)  # one read of the reply, wherever it lies
         if verifier is not None:
-            verifier.check(op, layer, padded - taken.r, y)
+            verifier.check(op, layer, taken.subtract_from(padded), y)
+        self.pool.release(taken)
         return y
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -174,15 +180,18 @@ class OtpLinears(RemoteLinears):
         super().close()
 
 
-def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """The float product of an exact integer one (T, d_out), row scales sx, column scales `scale`.
-    The result takes the front bytes of each row of y, written a block of rows at a time once that
-    block has been read into float64 (`block_rows`): no second (T, d_out) buffer."""
-    out = y.view(dtype)[:, :y.shape[1]]
+    In float32: y rounded once (its 24-bit mantissa keeps a float32 activation's precision), times
+    the two scales. Written into `out` (else the front bytes of each row of y: no second buffer), a
+    block of rows at a time once that block has been read (`block_rows`). Every otp path passes a
+    contiguous `out`, so the split and the in-process run hand the model the same layout."""
+    out = y.view(dtype)[:, :y.shape[1]] if out is None else out
     step = block_rows(y.shape[1] * 8)
     for i in range(0, y.shape[0], step):
         rows = slice(i, i + step)
-        out[rows] = y[rows].double().mul_(sx[rows].double()).mul_(scale)
+        out[rows] = y[rows].float().mul_(sx[rows]).mul_(scale)
     return out
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from teegpu.errors import ConfigError, HandshakeError, ServerError, ServerUnavailable
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
-from teegpu.pads import KEY_BYTES, expand_pads
+from teegpu.pads import KEY_BYTES, expand_pads, pad_words
 from teegpu.protocol import PAD_KEY_FRAME, ErrorCode, Op
 from teegpu.ring import ring_matmul
 
@@ -78,14 +78,43 @@ class PoolStats:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+class Recycler:
+    """Freed pad-sized buffers, kept by size for the next request of that size. A fresh large
+    tensor is a fresh mapping, and its first write costs a page fault per 4 KB: at the 1B shape
+    that was most of an otp prefill's CPU time outside the products. At most KEEP per size."""
+
+    KEEP = 4
+
+    def __init__(self):
+        self._free: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def get(self, numel: int) -> torch.Tensor:
+        """A flat int64 tensor of numel words (contents undefined)."""
+        with self._lock:
+            free = self._free.get(numel)
+            if free:
+                return free.pop()
+        return torch.empty(numel, dtype=torch.int64)
+
+    def put(self, t: torch.Tensor | None) -> None:
+        if t is None:
+            return
+        with self._lock:
+            free = self._free.setdefault(t.numel(), [])
+            if len(free) < self.KEEP:
+                free.append(t.view(-1))
+
+
 class PadBatch:
     """Rows of pads for one weight and their products: `rw` once `ready` is set (None: computed
-    by `unpad` from R, a local stall), or `error`."""
+    by `unpad` from R, a local stall), or `error`. `owned`: rw and R's buffer are ours to recycle
+    once every row has been used."""
 
     def __init__(self, key, rows: int, r: torch.Tensor | None = None, rw: torch.Tensor | None = None,
                  nonce: int = 0, expand: Callable | None = None):
         self.key, self.rows, self.nonce = key, rows, nonce
-        self.rw, self.error = rw, None
+        self.rw, self.error, self.owned, self.buffer, self.used = rw, None, False, None, 0
         self._r, self._expand, self._lock = r, expand, threading.Lock()
         self.ready = threading.Event()
         if expand is None:
@@ -98,17 +127,33 @@ class PadBatch:
                 self._r = self._expand(self)
             return self._r
 
-    def finish(self, rw: torch.Tensor | None = None, error: BaseException | None = None) -> None:
-        self.rw, self.error = rw, error
+    def finish(self, rw: torch.Tensor | None = None, error: BaseException | None = None, owned: bool = False) -> None:
+        self.rw, self.error, self.owned = rw, error, owned
         self.ready.set()
 
 
 @dataclass
 class Taken:
-    """Rows handed to one request: R, and where each part's products lie."""
+    """Rows handed to one request: each part's R, and where its products lie."""
 
-    r: torch.Tensor
+    rs: list  # R of each part
     parts: list  # (batch, first row in the batch, rows)
+
+    def add_to(self, xq: torch.Tensor) -> torch.Tensor:
+        """xq += R in place (wrapping mod 2^64), part by part: no concatenated copy of R."""
+        at = 0
+        for r in self.rs:
+            xq[at:at + r.shape[0]].add_(r)
+            at += r.shape[0]
+        return xq
+
+    def subtract_from(self, padded: torch.Tensor) -> torch.Tensor:
+        """padded - R, as a new tensor."""
+        out, at = torch.empty_like(padded), 0
+        for r in self.rs:
+            torch.sub(padded[at:at + r.shape[0]], r, out=out[at:at + r.shape[0]])
+            at += r.shape[0]
+        return out
 
 
 class LocalPads:
@@ -137,8 +182,10 @@ class ServerPads:
     `fallback` builds a LocalPads when every pad server is down (--pads server-or-local); without
     it such a batch fails with ServerUnavailable. The fallback is said on stderr and in stats."""
 
-    def __init__(self, client, shapes: dict, stats: PoolStats, fallback: Callable[[], LocalPads] | None = None):
+    def __init__(self, client, shapes: dict, stats: PoolStats, fallback: Callable[[], LocalPads] | None = None,
+                 recycler: Recycler | None = None):
         self.client, self.shapes, self.stats = client, shapes, stats
+        self.recycler = recycler or Recycler()
         self.key = os.urandom(KEY_BYTES)
         self.key_id = int.from_bytes(os.urandom(8), "little") >> 1  # positive int64
         self.next_nonce = 1  # unique per request under this key: no pad is ever made twice
@@ -167,29 +214,36 @@ class ServerPads:
 
     def _expand(self, batch: PadBatch) -> torch.Tensor:
         op, layer = batch.key
-        return expand_pads(self.key, batch.nonce, op, layer, batch.rows, self.shapes[batch.key][1])
+        d_in = self.shapes[batch.key][1]
+        batch.buffer = self.recycler.get(pad_words(batch.rows, d_in))
+        return expand_pads(self.key, batch.nonce, op, layer, batch.rows, d_in, batch.buffer)
 
     def products(self, key, r: torch.Tensor) -> torch.Tensor:
         raise AssertionError("pad-server batches arrive with their products")
 
     def _work(self) -> None:
+        with torch.inference_mode():  # the recycled buffers are the forward pass's inference tensors
+            self._work_until_closed()
+
+    def _work_until_closed(self) -> None:
         while True:
             _, _, batch = self._jobs.get()
             if batch is None:
                 return
             try:
-                batch.finish(self._products(batch))
+                batch.finish(*self._products(batch))
             except BaseException as e:  # noqa: BLE001 -- handed to the request that takes these rows
                 batch.finish(error=e)
 
-    def _products(self, batch: PadBatch) -> torch.Tensor:
-        """R*W^T of one batch: from the pad server pool, or here when all are down and that is allowed."""
+    def _products(self, batch: PadBatch) -> tuple[torch.Tensor, None, bool]:
+        """(R*W^T of one batch, no error, whether its buffer is ours to recycle): from the pad server
+        pool, or here when all are down and that is allowed."""
         now = time.monotonic()
         if now >= self._down_until and (not self._down_until or self.client.probe(PROBE_MS)):
             try:
-                rw = self._request(batch)
+                products = self._request(batch)
                 self.stats.pads = "server"
-                return rw
+                return products
             except ServerUnavailable as e:
                 self._down_until = time.monotonic() + PAD_RETRY_S
                 self.stats.pad_outages += 1
@@ -205,9 +259,9 @@ class ServerPads:
         if self._local is None:
             self._local = self._fallback()
         self.stats.pads, self.stats.fallback_rows = "local-fallback", self.stats.fallback_rows + batch.rows
-        return self._local.products(batch.key, batch.pads())
+        return self._local.products(batch.key, batch.pads()), None, False
 
-    def _request(self, batch: PadBatch) -> torch.Tensor:
+    def _request(self, batch: PadBatch) -> tuple[torch.Tensor, None, bool]:
         op, layer = batch.key
         fields = torch.tensor([self.key_id, batch.nonce, int(op), batch.rows], dtype=torch.int64)
         failovers = self.client.stats.failovers
@@ -225,7 +279,9 @@ class ServerPads:
         want = (batch.rows, self.shapes[batch.key][0])
         if rw.dtype != torch.int64 or tuple(rw.shape) != want:
             raise HandshakeError(f"pad server replied {rw.dtype} {list(rw.shape)} to a request for int64 {list(want)}")
-        return rw.clone() if self.client.shm is not None and self.client.shm.holds(rw) else rw
+        if self.client.shm is None or not self.client.shm.holds(rw):
+            return rw, None, False  # a message of its own: ours as it is
+        return self.recycler.get(rw.numel()).view(rw.shape).copy_(rw), None, True
 
     def close(self) -> None:
         self._jobs.put((-1, 0, None))
@@ -309,8 +365,7 @@ class MaskPool:
         with self._lock:
             self.stats.rows_used += n
             self._wake.notify()
-        rs = [b.pads()[lo:lo + rows] for b, lo, rows in parts]
-        return Taken(rs[0] if len(rs) == 1 else torch.cat(rs), parts)
+        return Taken([b.pads()[lo:lo + rows] for b, lo, rows in parts], parts)
 
     def _pop(self, key, n: int) -> list:
         parts = []
@@ -340,14 +395,15 @@ class MaskPool:
             if need > 0:
                 self._make(later, need, AHEAD)
 
-    def unpad(self, key, z: torch.Tensor, taken: Taken, check: Callable | None = None) -> torch.Tensor:
-        """z - R W^T, as a new tensor: each element of z (which may lie in the shared region, where
+    def unpad(self, key, z: torch.Tensor, taken: Taken, check: Callable | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """z - R W^T, as a new tensor (or in the flat buffer `out`): each element of z (which may lie in the shared region, where
         the server can write at any time) is read exactly once. Part by part, waiting for products
         still on their way; `check(r, rw)` sees each part's pads and products first (--verify:
         Freivalds on the pad server's reply). Local stall rows are computed here, a chunk at a
         time, so that a long prefill never holds all its pads' products at once."""
-        y, at = torch.empty_like(z), 0
-        for batch, lo, rows in taken.parts:
+        y, at = torch.empty_like(z) if out is None else out.view(z.shape), 0
+        for (batch, lo, rows), r in zip(taken.parts, taken.rs):
             if not batch.ready.is_set():
                 t0 = time.perf_counter()
                 batch.ready.wait()
@@ -355,7 +411,6 @@ class MaskPool:
                     self.stats.stall_ms += (time.perf_counter() - t0) * 1000
             if batch.error is not None:
                 raise batch.error
-            r = taken.r[at:at + rows]
             if batch.rw is None:
                 y[at:at + rows] = z[at:at + rows]
                 self._products_online(key, y[at:at + rows], r)
@@ -366,6 +421,21 @@ class MaskPool:
                 torch.sub(z[at:at + rows], rw, out=y[at:at + rows])
             at += rows
         return y
+
+    def release(self, taken: Taken) -> None:
+        """The request is done with these rows: a batch whose every row is done gives its buffers
+        back for reuse (pad-server batches; local ones are freed as usual)."""
+        recycler = getattr(self.source, "recycler", None)
+        for batch, _, rows in taken.parts:
+            with self._lock:
+                batch.used += rows
+                done = batch.used == batch.rows
+            if done and recycler is not None:
+                recycler.put(batch.buffer)
+                if batch.owned:
+                    recycler.put(batch.rw)
+                batch.buffer = batch.rw = batch._r = None
+        taken.rs.clear()
 
     def _products_online(self, key, y: torch.Tensor, r: torch.Tensor) -> None:
         t0 = time.perf_counter()
