@@ -53,7 +53,7 @@ class LocalLinears:
         """Exact integers: the same bits on any number of threads."""
         xq, sx = quantize_rows(x)
         y = ring_matmul(xq, self.weights[op, layer])
-        return rescale(y, sx, self.scales[op, layer], x.dtype, torch.empty(y.shape, dtype=x.dtype))
+        return rescale(y, sx, self.scales[op, layer], x.dtype)
 
     def matmul(self, op: Op, layer: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
@@ -147,7 +147,7 @@ class OtpLinears(RemoteLinears):
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         xq, sx = quantize_rows(x, self.recycler.get(x.numel()).view(x.shape))
         y = self.integer_linear(op, layer, xq, self.recycler.get(x.shape[0] * self.out_features[op, layer]))
-        out = rescale(y, sx, self.scales[op, layer], x.dtype, torch.empty(y.shape, dtype=x.dtype))
+        out = rescale(y, sx, self.scales[op, layer], x.dtype)
         self.recycler.put(xq)  # sent and checked: the buffers serve the next request of their size
         self.recycler.put(y)
         return out
@@ -180,14 +180,12 @@ class OtpLinears(RemoteLinears):
         super().close()
 
 
-def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The float product of an exact integer one (T, d_out), row scales sx, column scales `scale`.
     In float32: y rounded once (its 24-bit mantissa keeps a float32 activation's precision), times
-    the two scales. Written into `out` (else the front bytes of each row of y: no second buffer), a
-    block of rows at a time once that block has been read (`block_rows`). Every otp path passes a
-    contiguous `out`, so the split and the in-process run hand the model the same layout."""
-    out = y.view(dtype)[:, :y.shape[1]] if out is None else out
+    the two scales, a block of rows at a time (`block_rows`), into a new contiguous tensor (the
+    split and the in-process run hand the model the same layout; y's buffer can be reused)."""
+    out = torch.empty(y.shape, dtype=dtype)
     step = block_rows(y.shape[1] * 8)
     for i in range(0, y.shape[0], step):
         rows = slice(i, i + step)

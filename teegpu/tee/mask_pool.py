@@ -10,9 +10,9 @@ twice. Where they come from is the pool's source:
 
 A background thread (at the lowest scheduling priority) keeps every key topped up to `rows`
 rows. A request that finds too few makes the rest online: locally, a stall; from a pad server,
-one request per block of rows, sent at once together with the same rows for every later weight
-of the forward pass, so that the pad server computes them while the main server computes the
-products.
+one request per block of rows, sent at once together with the same rows for the next
+AHEAD_WEIGHTS weights of the forward pass, so that the pad server computes them while the main
+server computes the products.
 """
 from __future__ import annotations
 
@@ -218,9 +218,6 @@ class ServerPads:
         batch.buffer = self.recycler.get(pad_words(batch.rows, d_in))
         return expand_pads(self.key, batch.nonce, op, layer, batch.rows, d_in, batch.buffer)
 
-    def products(self, key, r: torch.Tensor) -> torch.Tensor:
-        raise AssertionError("pad-server batches arrive with their products")
-
     def _work(self) -> None:
         with torch.inference_mode():  # the recycled buffers are the forward pass's inference tensors
             self._work_until_closed()
@@ -231,12 +228,13 @@ class ServerPads:
             if batch is None:
                 return
             try:
-                batch.finish(*self._products(batch))
+                rw, owned = self._products(batch)
+                batch.finish(rw, owned=owned)
             except BaseException as e:  # noqa: BLE001 -- handed to the request that takes these rows
                 batch.finish(error=e)
 
-    def _products(self, batch: PadBatch) -> tuple[torch.Tensor, None, bool]:
-        """(R*W^T of one batch, no error, whether its buffer is ours to recycle): from the pad server
+    def _products(self, batch: PadBatch) -> tuple[torch.Tensor, bool]:
+        """(R*W^T of one batch, whether its buffer is ours to recycle): from the pad server
         pool, or here when all are down and that is allowed."""
         now = time.monotonic()
         if now >= self._down_until and (not self._down_until or self.client.probe(PROBE_MS)):
@@ -259,9 +257,9 @@ class ServerPads:
         if self._local is None:
             self._local = self._fallback()
         self.stats.pads, self.stats.fallback_rows = "local-fallback", self.stats.fallback_rows + batch.rows
-        return self._local.products(batch.key, batch.pads()), None, False
+        return self._local.products(batch.key, batch.pads()), False
 
-    def _request(self, batch: PadBatch) -> tuple[torch.Tensor, None, bool]:
+    def _request(self, batch: PadBatch) -> tuple[torch.Tensor, bool]:
         op, layer = batch.key
         fields = torch.tensor([self.key_id, batch.nonce, int(op), batch.rows], dtype=torch.int64)
         failovers = self.client.stats.failovers
@@ -280,8 +278,8 @@ class ServerPads:
         if rw.dtype != torch.int64 or tuple(rw.shape) != want:
             raise HandshakeError(f"pad server replied {rw.dtype} {list(rw.shape)} to a request for int64 {list(want)}")
         if self.client.shm is None or not self.client.shm.holds(rw):
-            return rw, None, False  # a message of its own: ours as it is
-        return self.recycler.get(rw.numel()).view(rw.shape).copy_(rw), None, True
+            return rw, False  # a message of its own: ours as it is
+        return self.recycler.get(rw.numel()).view(rw.shape).copy_(rw), True
 
     def close(self) -> None:
         self._jobs.put((-1, 0, None))
@@ -315,8 +313,9 @@ class MaskPool:
 
     def _make(self, key, rows: int, priority: int) -> None:
         """Make `rows` more rows for key (outside the lock) and queue them, in blocks."""
-        for start in range(0, rows, PAD_BLOCK_ROWS if self.server else rows):
-            n = min(rows - start, PAD_BLOCK_ROWS) if self.server else rows
+        block = PAD_BLOCK_ROWS if self.server else rows
+        for start in range(0, rows, block):
+            n = min(block, rows - start)
             t0 = time.perf_counter()
             batch = self.source.make(key, n, priority)
             with self._lock:
@@ -351,8 +350,8 @@ class MaskPool:
 
     def take(self, key, n: int) -> Taken:
         """n fresh pad rows for this weight, removed from the pool, and where their products lie.
-        Too few: the rest are made online (from a pad server: and the same rows for every later
-        weight of the forward pass that has too few, ahead of their requests)."""
+        Too few: the rest are made online (from a pad server: and the same rows for the next
+        AHEAD_WEIGHTS weights of the forward pass that have too few, ahead of their requests)."""
         parts = self._pop(key, n)
         missing = n - sum(rows for _, _, rows in parts)
         if missing:
