@@ -32,6 +32,15 @@ def _check_choices(config) -> None:
             raise ConfigError(f"{f.name.replace('_', ' ')} {value!r}: choose one of {tuple(choices)}")
 
 
+def token_bias(text: str) -> tuple[int, float]:
+    """`--logit-bias ID=BIAS` as (token id, bias)."""
+    token, sep, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (e.g. 2=-100), got {text!r}") from None
+
+
 def _check_min(name: str, value, low) -> None:
     if value is not None and value < low:
         raise ConfigError(f"{name} must be at least {low}, got {value}")
@@ -157,7 +166,7 @@ class EngineConfig:
 class GenerationConfig:
     """One sequence's sampling and stopping; every sequence of a batch has its own."""
 
-    max_new_tokens: int = option(64, "most tokens to generate")
+    max_new_tokens: int = option(64, "most tokens to generate (0: only read the prompt, e.g. for its logprobs)")
     temperature: float = option(0.0, "0: greedy")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
     top_k: int = option(0, "keep the k most likely tokens (0: all)")
@@ -166,9 +175,16 @@ class GenerationConfig:
     stop: tuple[str, ...] = option((), "stop before this text (repeat for several, up to 4)", metavar="TEXT")
     logprobs: int | None = option(None, "return the log-probability of each token and this many alternatives "
                                   "(0..20)", metavar="N")
+    presence_penalty: float = option(0.0, "subtract this from the logit of every token already generated (-2..2)")
+    frequency_penalty: float = option(0.0, "subtract this times its count so far from each generated token's logit "
+                                      "(-2..2)")
+    logit_bias: tuple[tuple[int, float], ...] = option((), "add BIAS (-100..100) to token ID's logit before sampling "
+                                                       "(repeat for several)", type=token_bias, metavar="ID=BIAS")
+    prompt_logprobs: bool = option(False, "also give the log-probability of each prompt token after the first "
+                                   "(with --logprobs)")
 
     def __post_init__(self):
-        _check_min("max_new_tokens", self.max_new_tokens, 1)
+        _check_min("max_new_tokens", self.max_new_tokens, 0)
         if not self.temperature >= 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -181,6 +197,15 @@ class GenerationConfig:
             raise ConfigError("stop takes up to 4 non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ConfigError(f"logprobs must be in 0..20, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        self.logit_bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise ConfigError(f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+        if self.prompt_logprobs and self.logprobs is None:
+            raise ConfigError("prompt_logprobs needs logprobs")
 
 
 @dataclass(slots=True)
@@ -284,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
             kw["default"] = f.default
         elif typing.get_origin(hint) is tuple:
-            kw.update(action="append", type=typing.get_args(hint)[0], default=None)
+            kw.update(action="append", default=None)
+            kw.setdefault("type", typing.get_args(hint)[0])
         else:
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
             kw.update(type=base, default=f.default)

@@ -115,6 +115,20 @@ def save_tiny_llama(path, tokenizer, seed: int, **overrides):
     return model
 
 
+API_KEY = "test-key"
+SERVED_MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
+
+@pytest.fixture(scope="session")
+def openai_api():
+    """One real `teegpu api` process (its private GPU server behind it) for the API's tests."""
+    from api_process import ApiProcess
+
+    proc = ApiProcess("--api-key", API_KEY, "--max-batch", "8", "--prefill-chunk", "64")
+    yield proc
+    assert proc.stop() == 0
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2):
     path = tmp_path_factory.mktemp("tiny-llama")

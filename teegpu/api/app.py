@@ -202,7 +202,12 @@ def check_auth(api: ApiConfig, request: Request) -> None:
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The body as JSON, refusing one over `limit` bytes (413) before reading it all."""
+    """The body as JSON, refusing another declared media type (415) and one over `limit` bytes (413)
+    before reading it all. A body without Content-Type is read as JSON (curl -d sends a form type)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"Content-Type {media!r} is not supported: send application/json",
+                       code="unsupported_media_type")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit}")
@@ -217,106 +222,171 @@ async def read_json(request: Request, limit: int) -> object:
         raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from e
 
 
+def prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
+    """A completion prompt's token ids (ids given are checked against the vocabulary)."""
+    if isinstance(prompt, str):
+        return engine.encode(prompt)
+    check_vocab(prompt, engine.config.vocab_size, "prompt")
+    return list(prompt)
+
+
+def check_vocab(ids, vocab: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{param} holds token id {bad}, outside the vocabulary [0, {vocab})", param=param)
+
+
 async def complete(service: Service, request: Request, kind: type[CommonRequest]):
-    """Both completion endpoints: validate, queue one sequence, answer whole or as a stream."""
+    """Both completion endpoints: validate, queue a sequence per prompt and choice (the n choices of
+    a prompt share its prefill), answer whole or as a stream."""
     check_auth(service.api, request)
     scheduler = service.ready()
     req = parse(kind, await read_json(request, service.api.max_body_bytes))
     if req.model != service.model_id:
         raise ApiError(404, f"The model `{req.model}` does not exist", param="model", code="model_not_found")
-    engine = scheduler.engine
-    chat = kind is ChatRequest
-    ids = engine.encode(req.chat_messages(), chat=True) if chat else engine.encode(req.prompt)
-    gen = req.generation(req.max_new_tokens(), engine.config.max_position_embeddings - len(ids), req.logprob_count())
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    engine, chat = scheduler.engine, kind is ChatRequest
+    prompts = [engine.encode(req.chat_messages(), chat=True)] if chat else [prompt_ids(engine, p)
+                                                                           for p in req.prompts()]
+    places = scheduler.config.max_batch + scheduler.config.max_queue
+    if len(prompts) * req.choices > places:
+        raise ApiError(400, f"{len(prompts)} prompt(s) x n={req.choices} exceed the {places} sequences this "
+                       "server queues at once", param="n" if req.choices > 1 else "prompt")
+    check_vocab([t for t, _ in req.token_bias()], engine.config.vocab_size, "logit_bias")
+    echo = not chat and bool(req.echo)
+    logprobs = req.logprob_count()
+    call = Call(service, request, Reply("chat" if chat else "text", service.model_id, service.system_fingerprint),
+                req.include_usage)
     try:
-        seq = scheduler.submit(ids, gen, on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        for ids, given in zip(prompts, [None] if chat else req.prompts()):
+            max_new = req.max_new_tokens(engine.config.max_position_embeddings - len(ids))
+            leader = None
+            for c in range(req.choices):
+                gen = req.generation(max_new, logprobs, c, prompt_logprobs=echo and logprobs is not None)
+                seq = scheduler.submit(ids, gen, on_event=call.listener(len(call.seqs)), leader=leader)
+                leader = leader or seq
+                call.add(seq, (given if isinstance(given, str) else engine.decode(ids)) if echo else None)
     except Exception as e:
-        raise from_engine(e) from e
-    service.metrics.prompt_tokens.inc(len(ids))
-    call = Call(service, request, seq, events, Reply("chat" if chat else "text", service.model_id,
-                                                     service.system_fingerprint), req.include_usage)
+        call.cancel()
+        raise from_engine(e, "messages" if chat else "prompt") from e
+    call.prompt_tokens = sum(len(ids) for ids in prompts)
+    service.metrics.prompt_tokens.inc(call.prompt_tokens)
     return await (call.stream() if req.stream else call.whole())
 
 
 class Call:
-    """One request's sequence, turned into a response as its events arrive."""
+    """One request's sequences (a choice each), turned into a response as their events arrive."""
 
-    def __init__(self, service: Service, request: Request, seq: Sequence, events: asyncio.Queue, reply: Reply,
-                 include_usage: bool):
-        self.service, self.request, self.seq, self.events, self.reply = service, request, seq, events, reply
-        self.include_usage = include_usage
+    def __init__(self, service: Service, request: Request, reply: Reply, include_usage: bool):
+        self.service, self.request, self.reply, self.include_usage = service, request, reply, include_usage
+        self.seqs: list[Sequence] = []
+        self.prompt_tokens = 0
+        self.echoes: list[str | None] = []  # each choice's echoed prompt (completions with echo)
+        self.events: asyncio.Queue = asyncio.Queue()  # (choice index, Event)
+        self.loop = asyncio.get_running_loop()
         self.started = self.last = time.monotonic()
         self.tokens = 0
 
-    async def next_event(self) -> Event:
-        """The next event; cancels the sequence when the client has gone away meanwhile."""
+    def listener(self, index: int):
+        return lambda e: self.loop.call_soon_threadsafe(self.events.put_nowait, (index, e))
+
+    def add(self, seq: Sequence, echo: str | None) -> None:
+        self.seqs.append(seq)
+        self.echoes.append(echo)
+
+    def cancel(self) -> None:
+        for seq in self.seqs:
+            if not seq.done.is_set():
+                self.service.scheduler.cancel(seq)
+
+    async def next_event(self) -> tuple[int, Event]:
+        """The next (choice, event); cancels the sequences when the client has gone away meanwhile."""
         while True:
             try:
-                event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                item = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
                 break
             except asyncio.TimeoutError:
                 if await self.request.is_disconnected():
-                    self.service.scheduler.cancel(self.seq)
+                    self.cancel()
                     raise ApiError(499, "client closed the request")
-        self._observe(event)
-        return event
+        self._observe(item[1])
+        return item
 
     def _observe(self, event: Event) -> None:
         m, now = self.service.metrics, time.monotonic()
         if isinstance(event.error, IntegrityError):
             m.integrity_failures.inc()
-        new = len(self.seq.out) - self.tokens
-        if new > 0:
+        out = sum(len(s.out) for s in self.seqs)
+        if out > self.tokens:
             (m.ttft if self.tokens == 0 else m.itl).observe(now - (self.started if self.tokens == 0 else self.last))
-            m.completion_tokens.inc(new)
-            self.tokens, self.last = len(self.seq.out), now
+            m.completion_tokens.inc(out - self.tokens)
+            self.tokens, self.last = out, now
 
     def usage(self) -> dict:
-        return usage(len(self.seq.prompt_ids), len(self.seq.out))
+        """Each prompt's tokens counted once (its n choices share them), every choice's completion."""
+        return usage(self.prompt_tokens, sum(s.completion_tokens for s in self.seqs))
 
-    def logprobs(self, entries: list) -> list | None:
-        return entries if self.seq.gen.logprobs is not None else None
+    def logprobs(self, index: int, entries: list, first: bool) -> list | None:
+        """A choice's entries, led by its echoed prompt's in its first response."""
+        seq = self.seqs[index]
+        if seq.gen.logprobs is None:
+            return None
+        return (seq.prompt_logprobs + entries) if first and self.echoes[index] is not None else entries
 
     async def whole(self) -> dict:
-        texts, entries = [], []
-        while True:
-            event = await self.next_event()
+        texts, entries = [[e or ""] for e in self.echoes], [[] for _ in self.seqs]
+        choices, left = [None] * len(self.seqs), len(self.seqs)
+        while left:
+            index, event = await self.next_event()
             if event.error is not None:
+                self.cancel()
                 raise from_engine(event.error)
-            texts.append(event.text)
-            entries += event.logprobs
+            texts[index].append(event.text)
+            entries[index] += event.logprobs
             if event.finish_reason:
-                return self.reply.completion("".join(texts), self.logprobs(entries), event.finish_reason,
-                                             self.usage())
+                choices[index] = self.reply.choice(index, "".join(texts[index]),
+                                                   self.logprobs(index, entries[index], True),
+                                                   event.finish_reason, False)
+                left -= 1
+        return self.reply.completion(choices, self.usage())
 
     async def stream(self) -> StreamingResponse:
         first = await self.next_event()  # an error before the first token still gets its HTTP status
-        if first.error is not None:
-            raise from_engine(first.error)
+        if first[1].error is not None:
+            self.cancel()
+            raise from_engine(first[1].error)
         return StreamingResponse(self._sse(first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse(self, event: Event):
+    async def _sse(self, item: tuple[int, Event]):
+        offsets: dict[int, int] = {}  # each opened choice's text so far, for its logprobs' text_offset
         try:
-            if self.reply.kind == "chat":
-                yield sse(self.reply.chunk("", role=True))
+            left = len(self.seqs)
             while True:
+                index, event = item
                 if event.error is not None:
                     yield sse(from_engine(event.error).body())
                     return
+                if index not in offsets:  # a choice opens with its role, or its echoed prompt
+                    echo = self.echoes[index]
+                    offsets[index] = len(echo or "")
+                    if self.reply.kind == "chat":
+                        yield sse(self.reply.chunk(index, "", role=True))
+                    elif echo is not None:
+                        yield sse(self.reply.chunk(index, echo, self.logprobs(index, [], True)))
                 if event.text or event.logprobs or event.finish_reason:
-                    yield sse(self.reply.chunk(event.text, self.logprobs(event.logprobs), event.finish_reason))
-                if event.finish_reason:
+                    yield sse(self.reply.chunk(index, event.text, self.logprobs(index, event.logprobs, False),
+                                               event.finish_reason, offset=offsets[index]))
+                    offsets[index] += len(event.text)
+                left -= bool(event.finish_reason)
+                if not left:
                     break
-                event = await self.events.get()
-                self._observe(event)
+                item = await self.events.get()
+                self._observe(item[1])
             if self.include_usage:
                 yield sse(self.reply.usage_chunk(self.usage()))
             yield "data: [DONE]\n\n"
         finally:
-            if not self.seq.done.is_set():  # the client went away mid-stream
-                self.service.scheduler.cancel(self.seq)
+            self.cancel()  # the client went away mid-stream, or the stream ended: nothing left running
 
 
 def sse(obj: dict) -> str:

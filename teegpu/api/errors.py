@@ -13,7 +13,7 @@ from teegpu.errors import (
 )
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
          500: "server_error", 502: "server_error", 503: "server_error"}
 
 
@@ -33,14 +33,15 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def from_engine(e: BaseException) -> ApiError:
-    """The HTTP face of an error raised by the engine, the scheduler or the GPU server."""
+def from_engine(e: BaseException, prompt_param: str | None = None) -> ApiError:
+    """The HTTP face of an error raised by the engine, the scheduler or the GPU server (`prompt_param`:
+    the request field a prompt's errors name, "messages" or "prompt")."""
     if isinstance(e, ApiError):
         return e
     if isinstance(e, ContextLengthError):
-        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
+        return ApiError(400, str(e), param=prompt_param or "messages", code="context_length_exceeded")
     if isinstance(e, ConfigError):
-        return ApiError(400, str(e))
+        return ApiError(400, str(e), param=prompt_param)
     if isinstance(e, Overloaded):
         return ApiError(429, str(e), code="queue_full")
     if isinstance(e, IntegrityError):

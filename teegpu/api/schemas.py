@@ -1,8 +1,9 @@
 """The request bodies the API accepts, validated field by field into OpenAI-style errors.
 
-Unknown fields are refused with a message naming them (as OpenAI does). Fields of the
-OpenAI API that teegpu does not implement are accepted at their neutral value (n=1,
-penalties 0, ...) and refused otherwise, again naming the field.
+Every field of OpenAI's CreateCompletionRequest and CreateChatCompletionRequest is served,
+accepted as having no effect here (said in docs/api.md), or refused with 400 naming it unless
+it holds its neutral value. Unknown fields are refused, as OpenAI does. `null` means the
+field's default, as in OpenAI's schema.
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from teegpu.api.errors import ApiError
 from teegpu.config import GenerationConfig
 from teegpu.errors import ConfigError
 
-# field -> the neutral values under which an unimplemented OpenAI field is accepted
-NEUTRAL = {"n": (None, 1), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
-           "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
-           "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-           "response_format": (None, {"type": "text"}), "service_tier": (None, "auto", "default"),
-           "store": (None, False), "metadata": (None, {}), "modalities": (None, ["text"]),
-           "reasoning_effort": (None,), "function_call": (None, "none", "auto"), "functions": (None, [])}
+# field -> the values under which a field this server does not implement is accepted
+NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+           "parallel_tool_calls": (None, True, False), "response_format": (None, {"type": "text"}),
+           "service_tier": (None, "auto", "default"), "store": (None, False), "modalities": (None, ["text"]),
+           "reasoning_effort": (None,), "verbosity": (None,), "function_call": (None, "none", "auto"),
+           "functions": (None, []), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+           "moderation": (None,)}
+WHY_REFUSED = {"response_format": "json_object and json_schema need constrained decoding, which this server "
+                                  "does not do", "tools": "this server does not call tools",
+               "best_of": "use n and pick by logprobs", "suffix": "insertion is not served"}
+SIGNED_64 = 1 << 63
 
 
 class TextPart(BaseModel):
@@ -42,7 +47,8 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # OpenAI's padding against length side channels: not added here
 
 
 class CommonRequest(BaseModel):
@@ -51,15 +57,19 @@ class CommonRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # not OpenAI's, accepted as an extra field (vLLM does the same)
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-SIGNED_64, lt=SIGNED_64)
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, ignored
+    n: int | None = Field(None, ge=1, le=128)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for OpenAI's abuse monitoring: no effect here
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -67,21 +77,45 @@ class CommonRequest(BaseModel):
             raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop")
         return tuple(stops)
 
-    def check_extra_fields(self) -> None:
+    def check(self) -> None:
+        """Refuse the fields not served here unless neutral, and combinations OpenAI refuses."""
         for name, value in (self.model_extra or {}).items():
             if name not in NEUTRAL:
                 raise ApiError(400, f"Unrecognized request argument supplied: {name}", param=name)
-            if value not in NEUTRAL[name]:
+            if value not in NEUTRAL[name] and not (name == "best_of" and value == self.choices):
+                why = f": {WHY_REFUSED[name]}" if name in WHY_REFUSED else ""
                 raise ApiError(400, f"{name}={value!r} is not supported by this server (only "
-                               f"{' or '.join(repr(v) for v in NEUTRAL[name] if v is not None)})", param=name)
+                               f"{' or '.join(repr(v) for v in NEUTRAL[name] if v is not None)}){why}", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
-    def generation(self, max_tokens: int | None, default_max: int, logprobs: int | None) -> GenerationConfig:
-        """The sequence's GenerationConfig; max_tokens defaults to the rest of the context window."""
-        self.check_extra_fields()
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias values lie in [-100, 100], got {value} for token {key}",
+                               param="logit_bias")
+            bias.append((int(key), float(value)))
+        return tuple(bias)
+
+    def generation(self, max_tokens: int, logprobs: int | None, choice: int = 0,
+                   prompt_logprobs: bool = False) -> GenerationConfig:
+        """Choice `choice`'s GenerationConfig (a seed gives choice i the seed + i, so that n seeded
+        choices differ and repeat)."""
+        seed = None if self.seed is None else (self.seed + choice + SIGNED_64) % (1 << 64) - SIGNED_64
         try:
-            return GenerationConfig(max_new_tokens=max_tokens or max(1, default_max), temperature=self.temperature,
-                                    top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop_strings(),
-                                    logprobs=logprobs, stop_at_eos=not self.ignore_eos)
+            return GenerationConfig(
+                max_new_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=self.top_p or 1.0, top_k=self.top_k, seed=seed, stop=self.stop_strings(), logprobs=logprobs,
+                stop_at_eos=not self.ignore_eos, presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0, logit_bias=self.token_bias(),
+                prompt_logprobs=prompt_logprobs)
         except ConfigError as e:
             raise ApiError(400, str(e)) from e
 
@@ -93,11 +127,18 @@ class CommonRequest(BaseModel):
 class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # accepted with no effect here (docs/api.md): OpenAI's stored completions and prompt caching hints
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict | None = None
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def max_new_tokens(self, room: int) -> int:
+        """max_completion_tokens, else max_tokens, else the rest of the context window."""
+        return self.max_completion_tokens or self.max_tokens or max(1, room)
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -108,16 +149,40 @@ class ChatRequest(CommonRequest):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
-class CompletionRequest(CommonRequest):
-    prompt: str = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+Prompt = Union[str, list[int]]
+PROMPT_FORMS = "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_tokens
+
+def _is_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: object
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo reads the prompt
+    echo: bool | None = False
+
+    def max_new_tokens(self, room: int) -> int:
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens=0 generates nothing: it needs echo: true", param="max_tokens")
+        return 16 if self.max_tokens is None else self.max_tokens
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[Prompt]:
+        """The prompts, each a string or token ids, in OpenAI's four forms."""
+        p = self.prompt
+        if isinstance(p, str) or _is_ids(p):
+            prompts = [p]
+        elif isinstance(p, list) and p and (all(isinstance(x, str) for x in p) or all(_is_ids(x) for x in p)):
+            prompts = list(p)
+        else:
+            raise ApiError(400, f"prompt must be {PROMPT_FORMS}", param="prompt")
+        if any(x == "" for x in prompts):
+            raise ApiError(400, "prompt must not be empty", param="prompt")
+        return prompts
 
 
 def parse(model: type[CommonRequest], body: object) -> CommonRequest:
@@ -125,8 +190,10 @@ def parse(model: type[CommonRequest], body: object) -> CommonRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        return model.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise ApiError(400, f"{where}: {err['msg']}", param=where) from e
+    req.check()
+    return req

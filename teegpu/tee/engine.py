@@ -44,6 +44,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)  # load_s, prefill_ms, decode_ms_per_token
     rpc: dict = field(default_factory=dict)  # calls, bytes_sent, bytes_received
     logprobs: list = field(default_factory=list)  # with GenerationConfig.logprobs: one entry per token
+    prompt_logprobs: list = field(default_factory=list)  # with GenerationConfig.prompt_logprobs: per prompt token
     kernels: dict = field(default_factory=dict)  # {"trusted": products.Kernels, "server": the server's}
 
     def to_dict(self) -> dict:
@@ -285,7 +286,7 @@ class Engine:
             raise seq.error
         timings, rpc = clock.report(seq, self.load_s)
         return GenerationResult(seq.text, seq.out, len(ids), seq.finish_reason, timings, rpc, seq.logprobs,
-                                self.kernels())
+                                seq.prompt_logprobs, self.kernels())
 
     def kernels(self) -> dict:
         """Which kernels compute: this process's, and the server's as its HELLO said."""

@@ -31,3 +31,20 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int, token_text) -> di
         values, ids = torch.topk(lp, top)
         entry["top"] = [{"id": i, "token": token_text(i), "logprob": v} for v, i in zip(values.tolist(), ids.tolist())]
     return entry
+
+
+def adjust(logits: torch.Tensor, bias: tuple[tuple[int, float], ...], presence: float, frequency: float,
+           generated: list[int]) -> torch.Tensor:
+    """OpenAI's logit_bias and penalties: logit[j] + bias[j] - frequency * count[j] - presence * (count[j] > 0),
+    counted over the tokens generated so far. The logits themselves when nothing applies."""
+    penalise = (presence or frequency) and generated
+    if not bias and not penalise:
+        return logits
+    logits = logits.float().clone()
+    if penalise:
+        ids, counts = torch.unique(torch.tensor(generated), return_counts=True)
+        logits[ids] -= frequency * counts.float() + presence
+    if bias:
+        ids, values = zip(*bias)
+        logits[list(ids)] += torch.tensor(values)
+    return logits

@@ -24,7 +24,7 @@ import torch
 from teegpu.config import GenerationConfig, SchedulerConfig
 from teegpu.errors import ConfigError, ContextLengthError, Overloaded, ServerUnavailable, TeegpuError
 from teegpu.model.llama import KVCache, Segment
-from teegpu.tee.sampling import sample, token_logprobs
+from teegpu.tee.sampling import adjust, sample, token_logprobs
 from teegpu.tee.text_stream import TextStream
 
 PING_INTERVAL_S = 2.0  # how often an idle scheduler checks that the server still answers
@@ -42,10 +42,15 @@ class Event:
 
 
 class Sequence:
-    """One request's state: prompt, generated tokens, its cache and its sampler."""
+    """One request's state: prompt, generated tokens, its cache and its sampler.
+
+    A sequence submitted with a `leader` (another choice of the same prompt, OpenAI's n > 1) does not
+    prefill: once the leader's prompt is in its cache, the follower copies those positions and
+    samples its first token from the same logits. It prefills by itself only if the leader ended
+    before the follower found a place."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], gen: GenerationConfig, stream: TextStream,
-                 on_event: Callable[[Event], None] | None):
+                 on_event: Callable[[Event], None] | None, leader: Sequence | None = None):
         self.id, self.prompt_ids, self.gen, self.stream = seq_id, prompt_ids, gen, stream
         self.on_event = on_event
         self.rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
@@ -57,6 +62,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.logprobs: list = []
+        self.prompt_logprobs: list = []  # with gen.prompt_logprobs: one entry per prompt token
+        self.ended_at_eos = False
+        self.leader, self.followers = leader, []
+        self.tail_logits: torch.Tensor | None = None  # a leader's last prompt logits, while followers wait
         self.done = threading.Event()
         self.submitted_s = time.monotonic()
         self.started_s: float | None = None
@@ -74,6 +83,11 @@ class Sequence:
     @property
     def text(self) -> str:
         return self.stream.text
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, the end-of-sequence token included (as OpenAI counts them)."""
+        return len(self.out) + self.ended_at_eos
 
 
 class KVBudget:
@@ -108,8 +122,9 @@ class Scheduler:
     # -- requests in, from any thread --
 
     def submit(self, prompt_ids: list[int], gen: GenerationConfig,
-               on_event: Callable[[Event], None] | None = None) -> Sequence:
-        """Queue a request; raise ContextLengthError if it can never fit, Overloaded if the queue is full."""
+               on_event: Callable[[Event], None] | None = None, leader: Sequence | None = None) -> Sequence:
+        """Queue a request; raise ContextLengthError if it can never fit, Overloaded if the queue is full.
+        With `leader` (a sequence of the same prompt), it shares the leader's prefill."""
         window = self.engine.config.max_position_embeddings
         if len(prompt_ids) + gen.max_new_tokens > window:
             raise ContextLengthError(
@@ -119,12 +134,20 @@ class Scheduler:
             raise ConfigError(f"a KV cache for {len(prompt_ids) + gen.max_new_tokens} positions exceeds the whole "
                               f"KV budget of {self.config.kv_cache_mb} MB: ask for fewer tokens")
         self.engine.check_ids(prompt_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event)
+        vocab = self.engine.config.vocab_size
+        for token, _ in gen.logit_bias:
+            if not 0 <= token < vocab:
+                raise ConfigError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
+        if leader is not None and list(prompt_ids) != leader.prompt_ids:
+            raise ConfigError("a follower shares its leader's prompt: the ids differ")
+        seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event, leader)
         with self._lock:
             places = self.config.max_queue + max(0, self.config.max_batch - len(self.running))
             if len(self.waiting) >= places:
                 raise Overloaded(f"{len(self.waiting)} requests already wait for a place: try again later")
             self.waiting.append(seq)
+            if leader is not None:
+                leader.followers.append(seq)
             self._wake.notify()
         return seq
 
@@ -165,18 +188,19 @@ class Scheduler:
         with self._lock:
             self._retire_cancelled()
             self._admit()
+        forked = self._fork_late_followers()
+        with self._lock:
             plan = self._plan()
         if not plan:
-            return False
+            return forked
         start = time.monotonic()
         for seq, _, _ in plan:
             seq.started_s = seq.started_s or start
         ids = [t for _, chunk, _ in plan for t in chunk]
         segments = [Segment(seq.cache, pos, len(chunk)) for seq, chunk, pos in plan]
-        sampled = [(i, seq) for i, (seq, chunk, pos) in enumerate(plan) if pos + len(chunk) >= len(seq.prompt_ids)]
-        rows = list(itertools.accumulate(len(chunk) for _, chunk, _ in plan))
+        logit_rows, reads = self._logit_rows(plan)
         try:
-            logits = self.engine.forward_packed(ids, segments, [rows[i] - 1 for i, _ in sampled])
+            logits = self.engine.forward_packed(ids, segments, logit_rows)
         except Exception as e:  # the step failed: its sequences end with the error, the others go on
             self.server_ok = not isinstance(e, ServerUnavailable)
             for seq, _, _ in plan:
@@ -190,10 +214,32 @@ class Scheduler:
                 seq.decode_steps += 1
             else:
                 seq.prefilled += len(chunk)
-        self._sample_all(logits, [seq for _, seq in sampled])
+        for seq, chunk, pos, first, sample_row in reads:
+            if first is not None:
+                self._prompt_logprobs(seq, pos, logits[first:first + len(chunk)])
+            if sample_row is not None:
+                self._take(seq, logits[sample_row])
         if self.on_step is not None:
             self.on_step(elapsed, len(ids))
         return True
+
+    @staticmethod
+    def _logit_rows(plan) -> tuple[list[int], list]:
+        """The packed rows whose logits the step needs (each sampling sequence's last row, and every row
+        of a chunk whose prompt logprobs were asked for), and for each sequence of the plan where its
+        rows land: (seq, chunk, position, first prompt-logprob row or None, sampling row or None)."""
+        rows, reads, end = [], [], 0
+        for seq, chunk, pos in plan:
+            end += len(chunk)
+            first = None
+            if seq.gen.prompt_logprobs and not seq.decoding:
+                first = len(rows)
+                rows += range(end - len(chunk), end)
+            samples = pos + len(chunk) >= len(seq.prompt_ids)
+            if samples and first is None:
+                rows.append(end - 1)
+            reads.append((seq, chunk, pos, first, len(rows) - 1 if samples else None))
+        return rows, reads
 
     def _retire_cancelled(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled]:
@@ -220,28 +266,66 @@ class Scheduler:
         plan = [(s, [s.out[-1]], len(s.prompt_ids) + len(s.out) - 1) for s in self.running if s.decoding]
         budget = self.config.prefill_chunk
         for seq in self.running:
-            if seq.decoding or budget == 0:
+            if seq.decoding or seq.leader is not None or budget == 0:
                 continue
             n = min(budget, len(seq.prompt_ids) - seq.prefilled)
             plan.append((seq, seq.prompt_ids[seq.prefilled:seq.prefilled + n], seq.prefilled))
             budget -= n
         return plan
 
-    def _sample_all(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        greedy = logits.argmax(dim=-1).tolist()
-        for row, seq in enumerate(seqs):
-            try:
-                gen = seq.gen
-                token = greedy[row] if gen.temperature <= 0 else sample(
-                    logits[row], gen.temperature, gen.top_k, gen.top_p, seq.rng)
-                self._advance(seq, token, logits[row])
-            except Exception as e:  # one sequence's failure (its tokenizer, its callback) ends it alone
-                self._finish(seq, None, as_teegpu_error(e))
+    def _prompt_logprobs(self, seq: Sequence, pos: int, logits: torch.Tensor) -> None:
+        """Entries of the prompt tokens this chunk's rows predict (the first token has no logprob)."""
+        ids, text = seq.prompt_ids, self.engine.token_text
+        if pos == 0:
+            seq.prompt_logprobs.append({"id": ids[0], "token": text(ids[0]), "logprob": None, "top": None})
+        for j in range(min(len(logits), len(ids) - pos - 1)):
+            seq.prompt_logprobs.append(token_logprobs(logits[j], ids[pos + j + 1], seq.gen.logprobs, text))
+
+    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample a sequence's next token from its logits row (its followers' first tokens too, once its
+        prompt is in its cache), and advance it."""
+        seq.first_token_s = seq.first_token_s or time.monotonic()  # the prefill's end
+        try:
+            if not seq.out and seq.followers:
+                seq.tail_logits = logits.clone()
+                for follower in [f for f in seq.followers if f.cache is not None and not f.decoding]:
+                    self._fork(follower, seq)
+            if seq.gen.max_new_tokens == 0:
+                return self._finish(seq, "length")
+            gen = seq.gen
+            adjusted = adjust(logits, gen.logit_bias, gen.presence_penalty, gen.frequency_penalty, seq.out)
+            token = int(adjusted.argmax()) if gen.temperature <= 0 else sample(
+                adjusted, gen.temperature, gen.top_k, gen.top_p, seq.rng)
+            self._advance(seq, token, logits)
+        except Exception as e:  # one sequence's failure (its tokenizer, its callback) ends it alone
+            self._finish(seq, None, as_teegpu_error(e))
+
+    def _fork(self, follower: Sequence, leader: Sequence) -> None:
+        """Give a follower the leader's prompt positions and its first token."""
+        n = len(leader.prompt_ids)
+        follower.cache.k[:, :, :n] = leader.cache.k[:, :, :n]
+        follower.cache.v[:, :, :n] = leader.cache.v[:, :, :n]
+        follower.prefilled, follower.leader = n, None
+        follower.started_s = follower.started_s or time.monotonic()
+        follower.prompt_logprobs = list(leader.prompt_logprobs)
+        self._take(follower, leader.tail_logits)
+
+    def _fork_late_followers(self) -> bool:
+        """Followers admitted after their leader's prefill fork now; those whose leader has ended
+        prefill by themselves."""
+        late = [s for s in self.running if s.leader is not None and not s.decoding]
+        for seq in late:
+            leader = seq.leader
+            if leader.cache is not None and leader.tail_logits is not None:
+                self._fork(seq, leader)
+            elif leader.cache is None and leader.done.is_set():
+                seq.leader = None
+        return any(s.leader is None for s in late)
 
     def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         """Take the sampled token: emit its text, or finish at EOS, a stop string or the length limit."""
-        seq.first_token_s = seq.first_token_s or time.monotonic()
         if seq.gen.stop_at_eos and token in self.engine.stop_ids:
+            seq.ended_at_eos = True  # counted in usage, not shown: its text is not the answer's
             return self._finish(seq, "stop")
         seq.out.append(token)
         entries = []
@@ -263,7 +347,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.kv.release(seq.reserved_bytes)
-        seq.cache, seq.finish_reason, seq.error = None, reason, error
+        seq.cache, seq.tail_logits, seq.finish_reason, seq.error = None, None, reason, error
         event = events or Event()
         if error is None and reason != "cancelled":
             event.text += seq.stream.finish(seq.out)
