@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from api_process import ApiProcess
+from openai_schema import validate
 from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
 from test_tampering_is_detected import TamperingProxy
@@ -54,6 +55,7 @@ def test_unreachable_gpu_server_is_503_then_recovers(tiny_model_dir, gpu_server)
         try:
             r = post(api)
             assert r.status_code == 503 and r.json()["error"]["code"] == "gpu_server_unavailable"
+            validate("ErrorResponse", r.json())
             assert wait_health(api, 503)
             # a stream that fails before its first token gets the status too
             r = httpx.post(api.url + "/v1/completions", json=body(api, stream=True), timeout=60)
@@ -112,6 +114,7 @@ def test_full_queue_is_429(tiny_model_dir, gpu_server):
             try:
                 r = post(api)
                 assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+                validate("ErrorResponse", r.json())
             finally:
                 os.kill(gpu_server.proc.pid, signal.SIGCONT)  # ...until it finishes
             assert [line for line in lines if line][-1] == "data: [DONE]"

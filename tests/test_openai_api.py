@@ -25,12 +25,18 @@ def client(api):
 
 
 def chat(client, question: str, n: int, **kw):
-    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                          max_tokens=n, temperature=0, **kw)
+    """A chat completion, validated against OpenAI's schema (a stream: by streamed_text)."""
+    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                         max_tokens=n, temperature=0, **kw)
+    if not kw.get("stream"):
+        validate("CreateChatCompletionResponse", got.model_dump(exclude_unset=True))
+    return got
 
 
 def streamed_text(stream) -> tuple[str, list]:
     chunks = list(stream)
+    for c in chunks:
+        validate("CreateChatCompletionStreamResponse", c.model_dump(exclude_unset=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
 

@@ -24,7 +24,7 @@ def test_otp_predictions_match_float32_on_128_positions(smollm2, smollm2_servers
     weights, tok = smollm2
     ids = tok(TEXT.read_text())["input_ids"][:128]
     reference = Engine(weights, tok, LocalLinears(weights))
-    engine = connect_engine(weights, tok, smollm2_servers, "shm", privacy="otp", verify=True, mask_pool_rows=48)
+    engine = connect_engine(weights, tok, smollm2_servers, "shm", privacy="otp", mask_pool_rows=8)
     ref = reference.forward(ids, 0, reference.new_cache(len(ids)), all_logits=True)
     got = engine.forward(ids, 0, engine.new_cache(len(ids)), all_logits=True)
     top1, kl = fidelity(got, ref)

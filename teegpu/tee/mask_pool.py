@@ -363,7 +363,8 @@ class MaskPool:
                 self._ahead(key, n)
         with self._lock:
             self.stats.rows_used += n
-            self._wake.notify()
+            if self._have[key] <= self.rows // 2:  # the refill thread's own test: wake it only to refill
+                self._wake.notify()
         return Taken([b.pads()[lo:lo + rows] for b, lo, rows in parts], parts)
 
     def _pop(self, key, n: int) -> list:
