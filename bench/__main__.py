@@ -1,7 +1,8 @@
 """`python -m bench`: the side-by-side benchmark (bench/suite.py); `python -m bench serve`: many
 users through the HTTP API (bench/serve.py); `python -m bench soak`: clients under server
 faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py);
-`python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py)."""
+`python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py);
+`python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -18,6 +19,10 @@ elif sys.argv[1:2] == ["seed"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["contention"]:
     from bench.contention import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["chat"]:
+    from bench.chat import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["soak"]:

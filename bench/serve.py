@@ -29,8 +29,8 @@ PROMPTS = ["Write a long story about a lighthouse keeper.", "Explain how rivers 
 READY = "teegpu api ready on "
 
 
-def start_api(model: str | None, max_batch: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "teegpu.cli", "api", "--port", "0", "--max-batch", str(max_batch)]
+def start_api(model: str | None, max_batch: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "teegpu.cli", "api", "--port", "0", "--max-batch", str(max_batch), *extra]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -217,9 +217,12 @@ class SchedulerConfig:
     kv_cache_mb: int = option(2048, "memory budget of all KV caches together; a request waits until its "
                               "cache fits")
     prefill_chunk: int = option(256, "most prompt tokens one step prefills, over all sequences")
+    prefix_cache: bool = option(True, "keep the KV cache of prompt blocks (in the KV budget, least recently used "
+                                "evicted first) so that a request starting the same way prefills only the rest")
+    prefix_block_tokens: int = option(32, "positions per prefix cache block: a prefix is reused in whole blocks")
 
     def __post_init__(self):
-        for name in ("max_batch", "kv_cache_mb", "prefill_chunk"):
+        for name in ("max_batch", "kv_cache_mb", "prefill_chunk", "prefix_block_tokens"):
             _check_min(name, getattr(self, name), 1)
         _check_min("max_queue", self.max_queue, 0)
 

@@ -93,3 +93,14 @@ def test_contention_bench_measures_both_loads(tiny_model_dir):
     for f in res["figures"].values():
         assert f["split"] > 0 and f["in-process"] > 0 and f["ratio"] == f["split"] / f["in-process"]
     assert res["kernels"]["isa"]
+
+
+def test_chat_bench_compares_with_and_without_the_prefix_cache(tiny_model_dir):
+    from bench import chat
+
+    res = chat.conversation("plain", turns=2, chars=300, answer=2, model=str(tiny_model_dir))
+    first, second = res["turns"]
+    assert first["cached_cached_tokens"] == 0 and second["cached_cached_tokens"] > 0  # turn 2 re-sends turn 1
+    assert first["uncached_cached_tokens"] == second["uncached_cached_tokens"] == 0  # --no-prefix-cache
+    assert second["prompt_tokens"] > first["prompt_tokens"] and res["last_turn_ratio"] == second["ratio"]
+    assert "target <= 0.25x" in chat.format_table([res])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import platform
 import signal
@@ -166,7 +167,9 @@ def _install_info_routes(app: FastAPI, service: Service) -> None:
     async def metrics():
         running, waiting = service.scheduler.counts() if service.scheduler else (0, 0)
         pool = getattr(service.engine.linears, "pool", None) if service.engine else None
-        return Response(service.metrics.render(running, waiting, pool.stats.as_dict() if pool else None),
+        prefix = service.scheduler.prefix if service.scheduler else None
+        return Response(service.metrics.render(running, waiting, pool.stats.as_dict() if pool else None,
+                                               prefix.stats if prefix else None),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -230,6 +233,13 @@ def prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
+def prefix_salt(request: Request, req: CommonRequest) -> bytes:
+    """Whose prefix cache blocks a request may hit: those sent with the same bearer token and the same
+    `cache_salt` (docs/security.md: a hit is visible in the time to first token)."""
+    return hashlib.sha256(b"\0".join([request.headers.get("authorization", "").encode(),
+                                       (req.cache_salt or "").encode()])).digest()
+
+
 def check_vocab(ids, vocab: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab), None)
     if bad is not None:
@@ -262,9 +272,10 @@ async def complete(service: Service, request: Request, kind: type[CommonRequest]
             leader = None
             for c in range(req.choices):
                 gen = req.generation(max_new, logprobs, c, prompt_logprobs=echo and logprobs is not None)
-                seq = scheduler.submit(ids, gen, on_event=call.listener(len(call.seqs)), leader=leader)
+                seq = scheduler.submit(ids, gen, on_event=call.listener(len(call.seqs)), leader=leader,
+                                       salt=prefix_salt(request, req))
                 leader = leader or seq
-                call.add(seq, (given if isinstance(given, str) else engine.decode(ids)) if echo else None)
+                call.add(seq, (given if isinstance(given, str) else engine.decode(ids)) if echo else None, c == 0)
     except Exception as e:
         call.cancel()
         raise from_engine(e, "messages" if chat else "prompt") from e
@@ -279,6 +290,7 @@ class Call:
     def __init__(self, service: Service, request: Request, reply: Reply, include_usage: bool):
         self.service, self.request, self.reply, self.include_usage = service, request, reply, include_usage
         self.seqs: list[Sequence] = []
+        self.firsts: list[int] = []  # each prompt's first choice
         self.prompt_tokens = 0
         self.echoes: list[str | None] = []  # each choice's echoed prompt (completions with echo)
         self.events: asyncio.Queue = asyncio.Queue()  # (choice index, Event)
@@ -289,7 +301,9 @@ class Call:
     def listener(self, index: int):
         return lambda e: self.loop.call_soon_threadsafe(self.events.put_nowait, (index, e))
 
-    def add(self, seq: Sequence, echo: str | None) -> None:
+    def add(self, seq: Sequence, echo: str | None, first: bool) -> None:
+        if first:
+            self.firsts.append(len(self.seqs))
         self.seqs.append(seq)
         self.echoes.append(echo)
 
@@ -322,8 +336,10 @@ class Call:
             self.tokens, self.last = out, now
 
     def usage(self) -> dict:
-        """Each prompt's tokens counted once (its n choices share them), every choice's completion."""
-        return usage(self.prompt_tokens, sum(s.completion_tokens for s in self.seqs))
+        """Each prompt's tokens counted once (its n choices share them), every choice's completion, and
+        the prompt tokens the prefix cache held."""
+        cached = sum(self.seqs[i].cached_tokens for i in self.firsts)
+        return usage(self.prompt_tokens, sum(s.completion_tokens for s in self.seqs), cached)
 
     def logprobs(self, index: int, entries: list, first: bool) -> list | None:
         """A choice's entries, led by its echoed prompt's in its first response."""

@@ -34,13 +34,23 @@ class ApiMetrics:
                               ["source"], registry=r)
         self.pad_outages = Gauge("teegpu_pad_server_outages", "otp: times every pad server was found down",
                                  registry=r)
+        self.prefix_tokens = Gauge("teegpu_prefix_cache_tokens", "prompt tokens looked up in the prefix cache, "
+                                   "and those found", ["kind"], registry=r)
+        self.prefix_hit_rate = Gauge("teegpu_prefix_cache_hit_rate", "prompt tokens found / looked up", registry=r)
+        self.prefix_bytes = Gauge("teegpu_prefix_cache_bytes", "KV bytes the prefix cache holds (in the KV budget)",
+                                  registry=r)
         self.integrity_failures = Counter("teegpu_integrity_failures", "products that failed verification",
                                           registry=r)
 
-    def render(self, running: int, waiting: int, pool: dict | None = None) -> bytes:
-        """The exposition; `pool`: the mask pool's stats (otp)."""
+    def render(self, running: int, waiting: int, pool: dict | None = None, prefix=None) -> bytes:
+        """The exposition; `pool`: the mask pool's stats (otp); `prefix`: the prefix cache's PrefixStats."""
         self.running.set(running)
         self.waiting.set(waiting)
+        if prefix is not None:
+            self.prefix_tokens.labels("queried").set(prefix.queried_tokens)
+            self.prefix_tokens.labels("hit").set(prefix.hit_tokens)
+            self.prefix_hit_rate.set(prefix.hit_tokens / max(prefix.queried_tokens, 1))
+            self.prefix_bytes.set(prefix.bytes)
         if pool is not None:
             for source in ("server", "local", "local-fallback"):
                 self.pads.labels(source).set(1 if pool["pads"] == source else 0)

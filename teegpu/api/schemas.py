@@ -61,6 +61,7 @@ class CommonRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # not OpenAI's, accepted as an extra field (vLLM does the same)
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever the model says
+    cache_salt: str | None = None  # vLLM's extra field: only requests with the same salt share cached prefixes
     seed: int | None = Field(None, ge=-SIGNED_64, lt=SIGNED_64)
     stop: Union[str, list[str], None] = None
     stream: bool | None = False

@@ -25,6 +25,7 @@ from teegpu.server_process import ServerProcess
 from teegpu.tee.accounting import GenerationClock
 from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
 from teegpu.tee.linears import LocalLinears, handshake, open_linears
+from teegpu.tee.prefix_cache import PrefixCache
 from teegpu.tee.text_stream import TextStream
 from teegpu.transport import ClientCurve, RpcClient, private_endpoint
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
@@ -63,6 +64,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.linears = linears
         self.telemetry = linears.telemetry
+        self._prefix_cache: PrefixCache | None = None
         self.offload_attention = offload_attention
         self.client = client
         self.server_process = server_process
@@ -191,6 +193,12 @@ class Engine:
         cache = self.new_cache(3)
         self.forward([0, 0], 0, cache)
         self.forward([0], 2, cache)
+
+    def prefix_cache(self, block_tokens: int) -> PrefixCache:
+        """This engine's prefix cache, shared by its schedulers (a new block size starts a new one)."""
+        if self._prefix_cache is None or self._prefix_cache.block_tokens != block_tokens:
+            self._prefix_cache = PrefixCache(block_tokens)
+        return self._prefix_cache
 
     def cache_bytes(self, positions: int) -> int:
         return KVCache.nbytes_for(self.config, positions, self.dtype)

@@ -24,6 +24,7 @@ import torch
 from teegpu.config import GenerationConfig, SchedulerConfig
 from teegpu.errors import ConfigError, ContextLengthError, Overloaded, ServerUnavailable, TeegpuError
 from teegpu.model.llama import KVCache, Segment
+from teegpu.tee.prefix_cache import PrefixCache
 from teegpu.tee.sampling import adjust, sample, token_logprobs
 from teegpu.tee.text_stream import TextStream
 
@@ -50,14 +51,17 @@ class Sequence:
     before the follower found a place."""
 
     def __init__(self, seq_id: int, prompt_ids: list[int], gen: GenerationConfig, stream: TextStream,
-                 on_event: Callable[[Event], None] | None, leader: Sequence | None = None):
+                 on_event: Callable[[Event], None] | None, leader: Sequence | None = None, salt: bytes = b""):
         self.id, self.prompt_ids, self.gen, self.stream = seq_id, prompt_ids, gen, stream
+        self.salt = salt  # the prefix cache's: only sequences with the same salt share cached blocks
         self.on_event = on_event
         self.rng = torch.Generator().manual_seed(gen.seed) if gen.seed is not None else None
         self.out: list[int] = []
         self.cache: KVCache | None = None
         self.reserved_bytes = 0
         self.prefilled = 0  # prompt tokens already in the cache
+        self.cached_tokens = 0  # of which came from the prefix cache
+        self.written = 0  # positions of the cache holding keys and values (the last sampled token's are not yet)
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -91,16 +95,22 @@ class Sequence:
 
 
 class KVBudget:
-    """Bytes of KV cache reserved by running sequences, against the configured budget."""
+    """Bytes of KV cache reserved by running sequences, against the configured budget, which the prefix
+    cache's blocks share: a running sequence always wins over cached blocks."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget, self.used = budget_bytes, 0
+    def __init__(self, budget_bytes: int, prefix: PrefixCache | None = None):
+        self.budget, self.used, self.prefix = budget_bytes, 0, prefix
 
     def try_reserve(self, nbytes: int) -> bool:
         if self.used + nbytes > self.budget:
             return False
         self.used += nbytes
+        self.fit_prefix()
         return True
+
+    def fit_prefix(self) -> None:
+        if self.prefix is not None:
+            self.prefix.evict(self.used + self.prefix.bytes - self.budget)
 
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
@@ -110,7 +120,8 @@ class Scheduler:
     def __init__(self, engine, config: SchedulerConfig | None = None):
         self.engine = engine
         self.config = config or SchedulerConfig()
-        self.kv = KVBudget(self.config.kv_cache_mb << 20)
+        self.prefix = engine.prefix_cache(self.config.prefix_block_tokens) if self.config.prefix_cache else None
+        self.kv = KVBudget(self.config.kv_cache_mb << 20, self.prefix)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.server_ok = True  # the last step or ping reached the server
@@ -122,9 +133,11 @@ class Scheduler:
     # -- requests in, from any thread --
 
     def submit(self, prompt_ids: list[int], gen: GenerationConfig,
-               on_event: Callable[[Event], None] | None = None, leader: Sequence | None = None) -> Sequence:
+               on_event: Callable[[Event], None] | None = None, leader: Sequence | None = None,
+               salt: bytes = b"") -> Sequence:
         """Queue a request; raise ContextLengthError if it can never fit, Overloaded if the queue is full.
-        With `leader` (a sequence of the same prompt), it shares the leader's prefill."""
+        With `leader` (a sequence of the same prompt), it shares the leader's prefill; `salt` keeps its
+        prefix cache blocks apart from those of other salts (tenants)."""
         window = self.engine.config.max_position_embeddings
         if len(prompt_ids) + gen.max_new_tokens > window:
             raise ContextLengthError(
@@ -140,7 +153,8 @@ class Scheduler:
                 raise ConfigError(f"logit_bias names token {token}, outside the vocabulary [0, {vocab})")
         if leader is not None and list(prompt_ids) != leader.prompt_ids:
             raise ConfigError("a follower shares its leader's prompt: the ids differ")
-        seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event, leader)
+        seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event, leader,
+                       salt)
         with self._lock:
             places = self.config.max_queue + max(0, self.config.max_batch - len(self.running))
             if len(self.waiting) >= places:
@@ -208,12 +222,15 @@ class Scheduler:
             return True
         self.server_ok = True
         elapsed = time.monotonic() - start
-        for seq, chunk, _ in plan:
+        for seq, chunk, pos in plan:
+            seq.written = pos + len(chunk)
             if seq.decoding:
                 seq.decode_s += elapsed
                 seq.decode_steps += 1
             else:
                 seq.prefilled += len(chunk)
+                if seq.decoding:
+                    self._keep_prefix(seq)
         for seq, chunk, pos, first, sample_row in reads:
             if first is not None:
                 self._prompt_logprobs(seq, pos, logits[first:first + len(chunk)])
@@ -253,12 +270,23 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
             nbytes = self.engine.cache_bytes(seq.positions)
-            if not self.kv.try_reserve(nbytes):
+            if self.kv.used + nbytes > self.kv.budget:
                 return
+            blocks = []  # found before the reservation evicts blocks to make room (these stay held here)
+            if self.prefix is not None and seq.leader is None and not seq.gen.prompt_logprobs:
+                blocks = self.prefix.lookup(seq.prompt_ids, seq.salt)
+            self.kv.try_reserve(nbytes)
             self.waiting.popleft()
             seq.reserved_bytes = nbytes
             seq.cache = self.engine.new_cache(seq.positions)
+            seq.prefilled = seq.cached_tokens = seq.written = self.prefix.load(blocks, seq.cache) if blocks else 0
             self.running.append(seq)
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        """Offer a sequence's computed positions to the prefix cache (its prompt, and what it generated)."""
+        if self.prefix is not None and seq.cache is not None:
+            self.prefix.store(seq.prompt_ids + seq.out, seq.salt, seq.cache, seq.written)
+            self.kv.fit_prefix()
 
     def _plan(self) -> list[tuple[Sequence, list[int], int]]:
         """(sequence, token ids, position of the first) of this step: every decoding sequence's
@@ -305,7 +333,8 @@ class Scheduler:
         n = len(leader.prompt_ids)
         follower.cache.k[:, :, :n] = leader.cache.k[:, :, :n]
         follower.cache.v[:, :, :n] = leader.cache.v[:, :, :n]
-        follower.prefilled, follower.leader = n, None
+        follower.prefilled, follower.written, follower.leader = n, n, None
+        follower.cached_tokens = leader.cached_tokens
         follower.started_s = follower.started_s or time.monotonic()
         follower.prompt_logprobs = list(leader.prompt_logprobs)
         self._take(follower, leader.tail_logits)
@@ -347,6 +376,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.kv.release(seq.reserved_bytes)
+            if error is None:
+                self._keep_prefix(seq)
         seq.cache, seq.tail_logits, seq.finish_reason, seq.error = None, None, reason, error
         event = events or Event()
         if error is None and reason != "cancelled":
