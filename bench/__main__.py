@@ -2,7 +2,8 @@
 users through the HTTP API (bench/serve.py); `python -m bench soak`: clients under server
 faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py);
 `python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py);
-`python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py)."""
+`python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py);
+`python -m bench speculative`: decoding with and without prompt-lookup speculation (bench/speculative.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -19,6 +20,10 @@ elif sys.argv[1:2] == ["seed"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["contention"]:
     from bench.contention import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["speculative"]:
+    from bench.speculative import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["chat"]:

@@ -11,8 +11,8 @@ import os
 import sys
 
 from teegpu.config import (
-    ApiConfig, EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, ShapedModelConfig, VerifyConfig,
-    add_arguments, from_args,
+    ApiConfig, EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, ShapedModelConfig, SpeculativeConfig,
+    VerifyConfig, add_arguments, from_args,
 )
 from teegpu.errors import TeegpuError
 from teegpu.options import let_idle_workers_sleep
@@ -20,8 +20,8 @@ from teegpu.options import let_idle_workers_sleep
 # which dataclasses a command's flags come from; the server's must not load the trusted side
 COMMAND_CONFIGS = {
     "serve": (ServerConfig,),
-    "generate": (EngineConfig, GenerationConfig),
-    "api": (ApiConfig, EngineConfig, SchedulerConfig),
+    "generate": (EngineConfig, GenerationConfig, SpeculativeConfig),
+    "api": (ApiConfig, EngineConfig, SchedulerConfig, SpeculativeConfig),
     "shaped-model": (ShapedModelConfig,),
     "verify": (VerifyConfig,),
 }
@@ -93,7 +93,8 @@ def run_generate(args) -> int:
     config, gen = from_args(EngineConfig, args), from_args(GenerationConfig, args)
     on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     with Engine.open(config, warm_up=True) as engine:
-        result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text)
+        result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text,
+                                 speculative=from_args(SpeculativeConfig, args))
         if not args.json:
             print(flush=True)  # end the streamed line before the server's exit message
     if args.json:
@@ -117,7 +118,8 @@ def print_summary(result) -> None:
 def run_api(args) -> int:
     from teegpu.api.app import run_api as run
 
-    run(from_args(ApiConfig, args), from_args(EngineConfig, args), from_args(SchedulerConfig, args))
+    run(from_args(ApiConfig, args), from_args(EngineConfig, args), from_args(SchedulerConfig, args),
+        speculative=from_args(SpeculativeConfig, args))
     return 0
 
 

@@ -228,6 +228,29 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding: drafted tokens checked in the same step as a sequence's last one."""
+
+    speculative: str = option("none", "draft tokens by prompt lookup (ngram: the continuation of the last "
+                              "n-gram's earlier occurrence in the prompt or the output) and check them in one "
+                              "step", choices=("none", "ngram"))
+    num_speculative_tokens: int = option(4, "most tokens drafted per step (fewer while they are rejected)")
+    ngram_min: int = option(2, "shortest n-gram matched")
+    ngram_max: int = option(4, "longest n-gram matched (the longest match wins)")
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check_min("num_speculative_tokens", self.num_speculative_tokens, 1)
+        _check_min("ngram_min", self.ngram_min, 1)
+        if self.ngram_max < self.ngram_min:
+            raise ConfigError(f"ngram_max ({self.ngram_max}) must be at least ngram_min ({self.ngram_min})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative != "none"
+
+
+@dataclass(slots=True)
 class ApiConfig:
     """The OpenAI-compatible HTTP front end (`teegpu api`)."""
 

@@ -104,3 +104,13 @@ def test_chat_bench_compares_with_and_without_the_prefix_cache(tiny_model_dir):
     assert first["uncached_cached_tokens"] == second["uncached_cached_tokens"] == 0  # --no-prefix-cache
     assert second["prompt_tokens"] > first["prompt_tokens"] and res["last_turn_ratio"] == second["ratio"]
     assert "target <= 0.25x" in chat.format_table([res])
+
+
+def test_speculative_bench_runs_every_case(tiny_model_dir):
+    from bench import speculative
+
+    res = speculative.measure(str(tiny_model_dir), tokens=8, repeats=1, k=2)
+    assert set(res["cases"]) == {"grounded", "chat", "batch of 8"}  # each asserted the same greedy tokens
+    for row in res["cases"].values():
+        assert row["plain_tokens_per_s"] > 0 and row["ratio"] == row["ngram_tokens_per_s"] / row["plain_tokens_per_s"]
+    assert "tokens per step" in speculative.format_table(res)

@@ -32,7 +32,7 @@ from teegpu.api.responses import Reply, usage
 from teegpu.api.schemas import ChatRequest, CommonRequest, CompletionRequest, parse
 from teegpu import __version__
 from teegpu.attested_tls import ATTESTATION_NONE, EVIDENCE_PATH
-from teegpu.config import ApiConfig, EngineConfig, SchedulerConfig
+from teegpu.config import ApiConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from teegpu.errors import IntegrityError
 from teegpu.model.loading import resolve_model_path
 from teegpu.tee.attestation import AttestedIdentity, model_sha256, quote_provider
@@ -47,8 +47,10 @@ class Service:
     """The engine and its scheduler thread, loaded after the HTTP server has started."""
 
     def __init__(self, api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
-                 identity: AttestedIdentity | None = None, evidence: dict | None = None):
+                 identity: AttestedIdentity | None = None, evidence: dict | None = None,
+                 speculative: SpeculativeConfig | None = None):
         self.api, self.engine_config, self.scheduler_config = api, engine_config, scheduler_config
+        self.speculative = speculative
         self.attestation = identity.attestation if identity is not None else ATTESTATION_NONE
         self.evidence = evidence or {"attestation": ATTESTATION_NONE, "quote": None, "certificate": None,
                                      "privacy": engine_config.privacy, "pads": engine_config.pads,
@@ -66,7 +68,7 @@ class Service:
     def load(self) -> None:
         try:
             self.engine = Engine.open(self.engine_config)
-            self.scheduler = Scheduler(self.engine, self.scheduler_config)
+            self.scheduler = Scheduler(self.engine, self.scheduler_config, self.speculative)
             self.scheduler.on_step = self._observe_step
             threading.Thread(target=self.scheduler.run, args=(self.stop,), name="scheduler", daemon=True).start()
         except BaseException as e:
@@ -167,9 +169,11 @@ def _install_info_routes(app: FastAPI, service: Service) -> None:
     async def metrics():
         running, waiting = service.scheduler.counts() if service.scheduler else (0, 0)
         pool = getattr(service.engine.linears, "pool", None) if service.engine else None
-        prefix = service.scheduler.prefix if service.scheduler else None
+        scheduler = service.scheduler
+        prefix = scheduler.prefix if scheduler else None
+        speculation = scheduler.speculation.as_dict() if scheduler and scheduler.speculative else None
         return Response(service.metrics.render(running, waiting, pool.stats.as_dict() if pool else None,
-                                               prefix.stats if prefix else None),
+                                               prefix.stats if prefix else None, speculation),
                         media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -432,7 +436,7 @@ KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health
 
 
 def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
-            provider=None) -> None:
+            provider=None, speculative: SpeculativeConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start. `provider`
     (an object with `name` and `quote(report_data) -> bytes`) replaces --attestation's choice."""
     # otp: pads for the rows of two full decode steps stay ready (a prefill chunk may stall once)
@@ -442,7 +446,7 @@ def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: Sched
         identity, evidence = attested_identity(api, engine_config, provider)
         tls = dict(zip(("ssl_certfile", "ssl_keyfile"), identity.tls_files()))
     service = Service(api, dataclasses.replace(engine_config, mask_pool_rows=rows), scheduler_config, identity,
-                      evidence)
+                      evidence, speculative)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port, log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=5, **tls))
     threading.Thread(target=_load_and_announce, args=(service, server), name="loader", daemon=True).start()

@@ -39,11 +39,23 @@ class ApiMetrics:
         self.prefix_hit_rate = Gauge("teegpu_prefix_cache_hit_rate", "prompt tokens found / looked up", registry=r)
         self.prefix_bytes = Gauge("teegpu_prefix_cache_bytes", "KV bytes the prefix cache holds (in the KV budget)",
                                   registry=r)
+        self.speculation = Gauge("teegpu_speculative_tokens", "speculative decoding: tokens drafted, and those "
+                                 "the model kept", ["kind"], registry=r)
+        self.acceptance = Gauge("teegpu_speculative_acceptance_rate", "drafted tokens kept / drafted", registry=r)
+        self.tokens_per_step = Gauge("teegpu_speculative_tokens_per_step", "tokens a sequence's decode step gave "
+                                     "when it carried drafts", registry=r)
         self.integrity_failures = Counter("teegpu_integrity_failures", "products that failed verification",
                                           registry=r)
 
-    def render(self, running: int, waiting: int, pool: dict | None = None, prefix=None) -> bytes:
-        """The exposition; `pool`: the mask pool's stats (otp); `prefix`: the prefix cache's PrefixStats."""
+    def render(self, running: int, waiting: int, pool: dict | None = None, prefix=None,
+               speculation: dict | None = None) -> bytes:
+        """The exposition; `pool`: the mask pool's stats (otp); `prefix`: the prefix cache's PrefixStats;
+        `speculation`: SpeculationStats.as_dict()."""
+        if speculation is not None:
+            self.speculation.labels("drafted").set(speculation["drafted"])
+            self.speculation.labels("accepted").set(speculation["accepted"])
+            self.acceptance.set(speculation["acceptance_rate"])
+            self.tokens_per_step.set(speculation["tokens_per_step"])
         self.running.set(running)
         self.waiting.set(waiting)
         if prefix is not None:

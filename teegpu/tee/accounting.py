@@ -30,9 +30,10 @@ class GenerationClock:
         rpc = difference(after, self.before)
         prefill_ms = ((seq.first_token_s or seq.started_s) - seq.started_s) * 1000
         decode_ms = seq.decode_s * 1000
+        tokens = seq.decode_tokens  # the decode steps' tokens: as many as steps, or more with speculation
         timings = {"load_s": round(load_s, 3), "prefill_ms": round(prefill_ms, 3),
-                   "decode_ms_per_token": round(decode_ms / seq.decode_steps, 3) if seq.decode_steps else None}
-        timings.update(self.cpu_times(seq.decode_steps))
+                   "decode_ms_per_token": round(decode_ms / tokens, 3) if tokens else None}
+        timings.update(self.cpu_times(tokens))
         breakdown = rpc.get("breakdown_ms")
         if breakdown:  # the trusted side's own compute: forward time outside the RPCs
             timings["trusted_ms"] = round(prefill_ms + decode_ms - breakdown["total_ms"], 3)
@@ -51,12 +52,12 @@ class GenerationClock:
         return timings, rpc
 
 
-    def cpu_times(self, decode_steps: int) -> dict:
+    def cpu_times(self, decode_tokens: int) -> dict:
         """The trusted process's CPU time (time.process_time) in the prefill and per decoded token."""
         end = time.process_time()
         prefilled = self.cpu_s[1] if len(self.cpu_s) > 1 else end
         return {"prefill_cpu_ms": round((prefilled - self.cpu_s[0]) * 1000, 3),
-                "decode_cpu_ms_per_token": round((end - prefilled) * 1000 / decode_steps, 3) if decode_steps else None}
+                "decode_cpu_ms_per_token": round((end - prefilled) * 1000 / decode_tokens, 3) if decode_tokens else None}
 
 
 def difference(after: dict, before: dict) -> dict:

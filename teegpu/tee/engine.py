@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig
+from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
 from teegpu.model.products import kernels
@@ -46,6 +46,7 @@ class GenerationResult:
     rpc: dict = field(default_factory=dict)  # calls, bytes_sent, bytes_received
     logprobs: list = field(default_factory=list)  # with GenerationConfig.logprobs: one entry per token
     prompt_logprobs: list = field(default_factory=list)  # with GenerationConfig.prompt_logprobs: per prompt token
+    speculation: dict = field(default_factory=dict)  # with speculative decoding: drafted, accepted, tokens per step
     kernels: dict = field(default_factory=dict)  # {"trusted": products.Kernels, "server": the server's}
 
     def to_dict(self) -> dict:
@@ -274,7 +275,8 @@ class Engine:
         return self._token_text[token]
 
     def generate(self, prompt: str | list, gen: GenerationConfig | None = None, *, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None,
+                 speculative: SpeculativeConfig | None = None) -> GenerationResult:
         """Prefill the prompt, then decode until EOS, a stop string or max_new_tokens; stream text to
         on_text. One sequence through the same scheduler that batches many (`teegpu api`)."""
         from teegpu.tee.scheduler import Scheduler
@@ -284,7 +286,7 @@ class Engine:
         positions = len(ids) + gen.max_new_tokens
         budget_mb = max(1, math.ceil(self.cache_bytes(positions) / (1 << 20)))
         scheduler = Scheduler(self, SchedulerConfig(max_batch=1, max_queue=0, kv_cache_mb=budget_mb,
-                                                    prefill_chunk=len(ids)))
+                                                    prefill_chunk=len(ids)), speculative)
         clock = GenerationClock(self)
         seq = scheduler.submit(ids, gen, on_event=(lambda e: e.text and on_text(e.text)) if on_text else None)
         while not seq.done.is_set():
@@ -294,7 +296,8 @@ class Engine:
             raise seq.error
         timings, rpc = clock.report(seq, self.load_s)
         return GenerationResult(seq.text, seq.out, len(ids), seq.finish_reason, timings, rpc, seq.logprobs,
-                                seq.prompt_logprobs, self.kernels())
+                                seq.prompt_logprobs, scheduler.speculation.as_dict() if scheduler.speculative else {},
+                                self.kernels())
 
     def kernels(self) -> dict:
         """Which kernels compute: this process's, and the server's as its HELLO said."""

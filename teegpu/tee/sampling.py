@@ -1,4 +1,5 @@
-"""Next-token choice: greedy, or temperature with top-k and top-p."""
+"""Next-token choice: greedy, or temperature with top-k and top-p; a drafted token kept or replaced
+so that the choice is distributed as without drafting."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,24 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     """logits (vocab,) -> token id. temperature 0 means greedy."""
     if temperature <= 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(distribution(logits, temperature, top_k, top_p), 1, generator=generator))
+
+
+def check_draft(probs: torch.Tensor, draft: int, generator: torch.Generator | None) -> int:
+    """Speculative sampling with a drafter that proposes one token for sure (prompt lookup): keep
+    the draft with probability p(draft), else sample from p without it. The token returned is
+    distributed exactly as p (Leviathan et al., 2023, with q a point mass)."""
+    if float(torch.rand((), generator=generator)) < float(probs[draft]):
+        return draft
+    rest = probs.clone()
+    rest[draft] = 0
+    if float(rest.sum()) <= 0:
+        return draft
+    return int(torch.multinomial(rest, 1, generator=generator))
+
+
+def distribution(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The probabilities sampling draws from: temperature, then top-k, then top-p."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
@@ -18,8 +37,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keeps the token that crosses top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int, token_text) -> dict:

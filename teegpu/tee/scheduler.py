@@ -1,11 +1,13 @@
 """Continuous batching on the trusted side.
 
 Requests join and leave at step boundaries. One step packs the rows of every running
-sequence (one decode token each, plus prompt chunks up to `prefill_chunk` tokens in all)
-into one activation per linear op, so a step costs 4L+1 round trips however many users
-share it. Each sequence keeps its own KV cache, reserved in a byte budget (`KVBudget`)
-at admission, its own sampler and its own stop rules; its tokens never depend on its
-neighbours beyond float rounding.
+sequence (one decode token each, with its drafted tokens under speculation, plus prompt
+chunks up to `prefill_chunk` tokens in all) into one activation per linear op, so a step
+costs 4L+1 round trips however many users share it. Each sequence keeps its own KV cache,
+reserved in a byte budget (`KVBudget`, shared with the prefix cache's blocks) at admission,
+its own sampler and its own stop rules; its tokens never depend on its neighbours beyond
+float rounding. The n choices of one prompt share its prefill (`leader`), and a prompt that
+starts as an earlier one copies the earlier one's blocks (tee/prefix_cache.py).
 
 `submit` and `cancel` may be called from any thread; `step` (or `run`, a loop of steps)
 from one thread only. Events reach each sequence's `on_event` on the stepping thread.
@@ -21,14 +23,16 @@ from typing import Callable
 
 import torch
 
-from teegpu.config import GenerationConfig, SchedulerConfig
+from teegpu.config import GenerationConfig, SchedulerConfig, SpeculativeConfig
 from teegpu.errors import ConfigError, ContextLengthError, Overloaded, ServerUnavailable, TeegpuError
 from teegpu.model.llama import KVCache, Segment
 from teegpu.tee.prefix_cache import PrefixCache
-from teegpu.tee.sampling import adjust, sample, token_logprobs
+from teegpu.tee.sampling import adjust, check_draft, distribution, sample, token_logprobs
+from teegpu.tee.speculation import SpeculationStats, prompt_lookup
 from teegpu.tee.text_stream import TextStream
 
 PING_INTERVAL_S = 2.0  # how often an idle scheduler checks that the server still answers
+DRAFT_RETRY_STEPS = 4  # speculation: a sequence whose drafts stopped being kept tries one every so many steps
 
 
 @dataclass(slots=True)
@@ -62,6 +66,7 @@ class Sequence:
         self.prefilled = 0  # prompt tokens already in the cache
         self.cached_tokens = 0  # of which came from the prefix cache
         self.written = 0  # positions of the cache holding keys and values (the last sampled token's are not yet)
+        self.draft_limit = 0  # speculation: most tokens to draft next (adapts to how many were accepted)
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -75,6 +80,7 @@ class Sequence:
         self.started_s: float | None = None
         self.first_token_s: float | None = None
         self.decode_s, self.decode_steps = 0.0, 0
+        self.decode_tokens = 0  # tokens the decode steps chose (more than the steps when drafts were kept)
 
     @property
     def positions(self) -> int:
@@ -117,9 +123,11 @@ class KVBudget:
 
 
 class Scheduler:
-    def __init__(self, engine, config: SchedulerConfig | None = None):
+    def __init__(self, engine, config: SchedulerConfig | None = None, speculative: SpeculativeConfig | None = None):
         self.engine = engine
         self.config = config or SchedulerConfig()
+        self.speculative = speculative if speculative is not None and speculative.enabled else None
+        self.speculation = SpeculationStats()
         self.prefix = engine.prefix_cache(self.config.prefix_block_tokens) if self.config.prefix_cache else None
         self.kv = KVBudget(self.config.kv_cache_mb << 20, self.prefix)
         self.waiting: deque[Sequence] = deque()
@@ -155,6 +163,7 @@ class Scheduler:
             raise ConfigError("a follower shares its leader's prompt: the ids differ")
         seq = Sequence(next(self._ids), list(prompt_ids), gen, self.engine.text_stream(gen.stop), on_event, leader,
                        salt)
+        seq.draft_limit = self.speculative.num_speculative_tokens if self.speculative else 0
         with self._lock:
             places = self.config.max_queue + max(0, self.config.max_batch - len(self.running))
             if len(self.waiting) >= places:
@@ -231,31 +240,39 @@ class Scheduler:
                 seq.prefilled += len(chunk)
                 if seq.decoding:
                     self._keep_prefix(seq)
-        for seq, chunk, pos, first, sample_row in reads:
+        for seq, chunk, pos, first, row, decode in reads:
+            if decode:
+                self._verify(seq, chunk, pos, logits[row:row + len(chunk)])
+                continue
             if first is not None:
                 self._prompt_logprobs(seq, pos, logits[first:first + len(chunk)])
-            if sample_row is not None:
-                self._take(seq, logits[sample_row])
+            if row is not None:
+                self._take(seq, logits[row])
         if self.on_step is not None:
             self.on_step(elapsed, len(ids))
         return True
 
     @staticmethod
     def _logit_rows(plan) -> tuple[list[int], list]:
-        """The packed rows whose logits the step needs (each sampling sequence's last row, and every row
-        of a chunk whose prompt logprobs were asked for), and for each sequence of the plan where its
-        rows land: (seq, chunk, position, first prompt-logprob row or None, sampling row or None)."""
+        """The packed rows whose logits the step needs (each prefilling sequence's last row when it
+        samples, every row of a decoding sequence's last token and drafts, and every row of a chunk
+        whose prompt logprobs were asked for), and for each sequence of the plan where its rows land:
+        (seq, chunk, position, first prompt-logprob row or None, sampling row or None, decoding)."""
         rows, reads, end = [], [], 0
         for seq, chunk, pos in plan:
             end += len(chunk)
+            if seq.decoding:
+                reads.append((seq, chunk, pos, None, len(rows), True))
+                rows += range(end - len(chunk), end)
+                continue
             first = None
-            if seq.gen.prompt_logprobs and not seq.decoding:
+            if seq.gen.prompt_logprobs:
                 first = len(rows)
                 rows += range(end - len(chunk), end)
             samples = pos + len(chunk) >= len(seq.prompt_ids)
             if samples and first is None:
                 rows.append(end - 1)
-            reads.append((seq, chunk, pos, first, len(rows) - 1 if samples else None))
+            reads.append((seq, chunk, pos, first, len(rows) - 1 if samples else None, False))
         return rows, reads
 
     def _retire_cancelled(self) -> None:
@@ -291,7 +308,8 @@ class Scheduler:
     def _plan(self) -> list[tuple[Sequence, list[int], int]]:
         """(sequence, token ids, position of the first) of this step: every decoding sequence's
         last token, then prompt chunks in admission order up to the prefill budget."""
-        plan = [(s, [s.out[-1]], len(s.prompt_ids) + len(s.out) - 1) for s in self.running if s.decoding]
+        plan = [(s, [s.out[-1], *self._drafts(s)], len(s.prompt_ids) + len(s.out) - 1) for s in self.running
+                if s.decoding]
         budget = self.config.prefill_chunk
         for seq in self.running:
             if seq.decoding or seq.leader is not None or budget == 0:
@@ -320,13 +338,62 @@ class Scheduler:
                     self._fork(follower, seq)
             if seq.gen.max_new_tokens == 0:
                 return self._finish(seq, "length")
-            gen = seq.gen
-            adjusted = adjust(logits, gen.logit_bias, gen.presence_penalty, gen.frequency_penalty, seq.out)
-            token = int(adjusted.argmax()) if gen.temperature <= 0 else sample(
-                adjusted, gen.temperature, gen.top_k, gen.top_p, seq.rng)
-            self._advance(seq, token, logits)
+            self._advance(seq, self._choose(seq, logits), logits)
         except Exception as e:  # one sequence's failure (its tokenizer, its callback) ends it alone
             self._finish(seq, None, as_teegpu_error(e))
+
+    @staticmethod
+    def _choose(seq: Sequence, logits: torch.Tensor, draft: int | None = None) -> int:
+        """The next token from a row's logits: greedy or sampled, with the sequence's bias and penalties;
+        a draft is kept or replaced so that the token is distributed as without it."""
+        gen = seq.gen
+        adjusted = adjust(logits, gen.logit_bias, gen.presence_penalty, gen.frequency_penalty, seq.out)
+        if gen.temperature <= 0:
+            return int(adjusted.argmax())
+        if draft is None:
+            return sample(adjusted, gen.temperature, gen.top_k, gen.top_p, seq.rng)
+        return check_draft(distribution(adjusted, gen.temperature, gen.top_k, gen.top_p), draft, seq.rng)
+
+    def _verify(self, seq: Sequence, chunk: list[int], pos: int, rows: torch.Tensor) -> None:
+        """A decode step's tokens: row i's choice is checked against draft i+1; every draft kept is a
+        token gained, the first one replaced ends the step (its position and those after it are
+        overwritten by the next step: the cache rolls back by `written`)."""
+        drafts, kept = chunk[1:], 0
+        seq.written = pos + 1
+        try:
+            for i, row in enumerate(rows):
+                draft = drafts[i] if i < len(drafts) else None
+                token = self._choose(seq, row, draft)
+                seq.decode_tokens += 1
+                hit = token == draft
+                kept += hit
+                seq.written += hit
+                self._advance(seq, token, row)
+                if seq.done.is_set() or not hit:
+                    break
+        except Exception as e:
+            self._finish(seq, None, as_teegpu_error(e))
+        if drafts:
+            self._adapt(seq, len(drafts), kept)
+
+    def _adapt(self, seq: Sequence, drafted: int, kept: int) -> None:
+        """Draft one more after a step that kept every draft, as many as were kept after one that did not
+        (none after a miss: then only every few steps, one)."""
+        stats = self.speculation
+        stats.steps, stats.drafted, stats.accepted, stats.tokens = (stats.steps + 1, stats.drafted + drafted,
+                                                                    stats.accepted + kept, stats.tokens + kept + 1)
+        limit = self.speculative.num_speculative_tokens
+        seq.draft_limit = min(limit, drafted + 1) if kept == drafted else kept
+
+    def _drafts(self, seq: Sequence) -> list[int]:
+        """This step's drafted tokens for a decoding sequence (none without speculation, or past its
+        max_new_tokens)."""
+        spec = self.speculative
+        if spec is None:
+            return []
+        k = seq.draft_limit or (1 if seq.decode_steps % DRAFT_RETRY_STEPS == 0 else 0)
+        k = min(k, seq.gen.max_new_tokens - len(seq.out) - 1)
+        return prompt_lookup(seq.prompt_ids + seq.out, spec.ngram_min, spec.ngram_max, k)
 
     def _fork(self, follower: Sequence, leader: Sequence) -> None:
         """Give a follower the leader's prompt positions and its first token."""
