@@ -26,7 +26,7 @@ CHAT = "Write a short poem about autumn leaves."
 
 
 
-def batch_tokens_per_s(engine, speculative, tokens: int) -> tuple[float, list]:
+def batch_tokens_per_s(engine, speculative, tokens: int) -> tuple[float, list, dict]:
     from teegpu.tee.scheduler import Scheduler
 
     scheduler = Scheduler(engine, SchedulerConfig(max_batch=8, prefix_cache=False), speculative)
@@ -35,7 +35,8 @@ def batch_tokens_per_s(engine, speculative, tokens: int) -> tuple[float, list]:
     seqs = [scheduler.submit(engine.encode([{"role": "user", "content": p}], chat=True), gen) for p in PROMPTS]
     while scheduler.step():
         pass
-    return sum(len(s.out) for s in seqs) / (time.perf_counter() - start), [s.out for s in seqs]
+    stats = scheduler.speculation.as_dict() if speculative else {}
+    return sum(len(s.out) for s in seqs) / (time.perf_counter() - start), [s.out for s in seqs], stats
 
 
 def measure(model: str | None, tokens: int, repeats: int, k: int) -> dict:
@@ -54,8 +55,8 @@ def measure(model: str | None, tokens: int, repeats: int, k: int) -> dict:
                 rows[name]["plain"].append(1000 / plain.timings["decode_ms_per_token"])
                 rows[name]["ngram"].append(1000 / fast.timings["decode_ms_per_token"])
                 rows[name]["stats"] = fast.speculation
-            plain_tps, plain_out = batch_tokens_per_s(engine, None, 48)
-            fast_tps, fast_out = batch_tokens_per_s(engine, ngram, 48)
+            plain_tps, plain_out, _ = batch_tokens_per_s(engine, None, 48)
+            fast_tps, fast_out, rows["batch of 8"]["stats"] = batch_tokens_per_s(engine, ngram, 48)
             assert fast_out == plain_out, "batch of 8: speculation changed the greedy tokens"
             rows["batch of 8"]["plain"].append(plain_tps)
             rows["batch of 8"]["ngram"].append(fast_tps)

@@ -59,7 +59,10 @@ def test_chat_whole_and_streamed_agree(client):
                                           stream_options={"include_usage": True}))
     assert streamed == text
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # the usage chunk comes last
+    last = chunks[-1]  # the usage chunk comes last (the same prompt again: now from the prefix cache)
+    assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert last.usage.prompt_tokens_details.cached_tokens > whole.usage.prompt_tokens_details.cached_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
