@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serve import start_api
+from bench.serve import start_api, streamed_chunks
 
 TEXT = (Path(__file__).parent / "sample_text.txt").read_text()
 
@@ -34,16 +34,11 @@ def ask(url: str, model_id: str, messages: list, answer: int) -> tuple[float, st
     body = {"model": model_id, "messages": messages, "max_tokens": answer, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start, ttft, text, used = time.monotonic(), None, [], {}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            used = chunk.get("usage") or used
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                ttft = ttft or time.monotonic() - start
-                text.append(chunk["choices"][0]["delta"]["content"])
+    for chunk in streamed_chunks(url, body):
+        used = chunk.get("usage") or used
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            ttft = ttft or time.monotonic() - start
+            text.append(chunk["choices"][0]["delta"]["content"])
     return ttft or 0.0, "".join(text), used
 
 

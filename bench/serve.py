@@ -46,22 +46,26 @@ def one_stream(url: str, model_id: str, prompt: str, tokens: int, out: list) -> 
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = last = time.monotonic()
     ttft, gaps, used = None, [], 0
+    for chunk in streamed_chunks(url, body):
+        if chunk.get("usage"):
+            used = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            now = time.monotonic()
+            if ttft is None:
+                ttft = now - start
+            else:
+                gaps.append(now - last)
+            last = now
+    out.append((ttft or 0.0, gaps, used))
+
+
+def streamed_chunks(url: str, body: dict):
+    """The JSON chunks of one streamed chat completion, as they arrive."""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                used = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.monotonic()
-                if ttft is None:
-                    ttft = now - start
-                else:
-                    gaps.append(now - last)
-                last = now
-    out.append((ttft or 0.0, gaps, used))
+            if line.startswith("data: {"):
+                yield json.loads(line[6:])
 
 
 def wave(url: str, model_id: str, streams: int, tokens: int) -> dict:

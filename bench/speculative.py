@@ -2,7 +2,7 @@
 the split (a private GPU server): decode tokens/s at batch 1 on a grounded task and on a chat with
 nothing to copy, and aggregate tokens/s of 8 streams batched together.
 
-    python -m bench speculative [--tokens 160] [--repeats 3] [--k 4] [--model PATH] [--json]
+    python -m bench speculative [--tokens 160] [--repeats 3] [--k 4] [--text-chars 1800] [--model PATH] [--json]
 
 Greedy throughout, so both sides produce the same tokens; the runs alternate (plain, then
 speculative) so that a noisy neighbour slows both.
@@ -21,7 +21,7 @@ from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, Specu
 
 TEXT = (Path(__file__).parent / "sample_text.txt").read_text()
 GROUNDED = ("Rewrite the following text, changing only the word 'lighthouse' to 'beacon' wherever it appears, "
-            "and nothing else:\n\n" + TEXT[:1800])
+            "and nothing else:\n\n")
 CHAT = "Write a short poem about autumn leaves."
 
 
@@ -39,11 +39,11 @@ def batch_tokens_per_s(engine, speculative, tokens: int) -> tuple[float, list, d
     return sum(len(s.out) for s in seqs) / (time.perf_counter() - start), [s.out for s in seqs], stats
 
 
-def measure(model: str | None, tokens: int, repeats: int, k: int) -> dict:
+def measure(model: str | None, tokens: int, repeats: int, k: int, text_chars: int = 1800) -> dict:
     from teegpu.tee.engine import Engine
 
     ngram = SpeculativeConfig(speculative="ngram", num_speculative_tokens=k)
-    cases = {"grounded": (GROUNDED, tokens), "chat": (CHAT, 64)}
+    cases = {"grounded": (GROUNDED + TEXT[:text_chars], tokens), "chat": (CHAT, 64)}
     rows = {name: {"plain": [], "ngram": [], "stats": {}} for name in (*cases, "batch of 8")}
     with Engine.open(EngineConfig(model=model), warm_up=True) as engine:
         for r in range(repeats):
@@ -91,8 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=160, help="tokens of the grounded task's answer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens")
+    p.add_argument("--text-chars", type=int, default=1800, help="characters of the grounded task's text "
+                   "(1800: about 400 tokens)")
     p.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    res = measure(args.model, args.tokens, args.repeats, args.k)
+    res = measure(args.model, args.tokens, args.repeats, args.k, args.text_chars)
     print(json.dumps(res, indent=1) if args.json else format_table(res))

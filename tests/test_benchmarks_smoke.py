@@ -109,7 +109,7 @@ def test_chat_bench_compares_with_and_without_the_prefix_cache(tiny_model_dir):
 def test_speculative_bench_runs_every_case(tiny_model_dir):
     from bench import speculative
 
-    res = speculative.measure(str(tiny_model_dir), tokens=8, repeats=1, k=2)
+    res = speculative.measure(str(tiny_model_dir), tokens=8, repeats=1, k=2, text_chars=200)
     assert set(res["cases"]) == {"grounded", "chat", "batch of 8"}  # each asserted the same greedy tokens
     for row in res["cases"].values():
         assert row["plain_tokens_per_s"] > 0 and row["ratio"] == row["ngram_tokens_per_s"] / row["plain_tokens_per_s"]
