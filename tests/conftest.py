@@ -121,10 +121,11 @@ SERVED_MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
 @pytest.fixture(scope="session")
 def openai_api():
-    """One real `teegpu api` process (its private GPU server behind it) for the API's tests."""
+    """One real `teegpu api` process (its private GPU server behind it) for the API's tests, with
+    speculative decoding on: every API test also checks that drafts change no answer."""
     from api_process import ApiProcess
 
-    proc = ApiProcess("--api-key", API_KEY, "--max-batch", "8", "--prefill-chunk", "64")
+    proc = ApiProcess("--api-key", API_KEY, "--max-batch", "8", "--prefill-chunk", "64", "--speculative", "ngram")
     yield proc
     assert proc.stop() == 0
 

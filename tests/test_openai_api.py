@@ -42,6 +42,7 @@ def streamed_text(stream) -> tuple[str, list]:
 
 
 def test_models_lists_the_served_model(client):
+    validate("ListModelsResponse", client.models.list().model_dump(exclude_unset=True))
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert len(models[0].model_extra["fingerprint"]) == 64 and models[0].model_extra["privacy"] == "plain"
@@ -71,9 +72,11 @@ def test_completions_whole_and_streamed_agree(client):
                                       temperature=0)
     assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
     assert whole.usage.completion_tokens == 12
-    stream = client.completions.create(model=MODEL, prompt="The three primary colours are", max_tokens=12,
-                                       temperature=0, stream=True)
+    stream = list(client.completions.create(model=MODEL, prompt="The three primary colours are", max_tokens=12,
+                                            temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in stream) == whole.choices[0].text
+    for part in [whole, *stream]:
+        validate("CreateCompletionResponse", part.model_dump(exclude_unset=True))
 
 
 def test_stop_string_ends_the_text_before_it(client):
@@ -101,6 +104,7 @@ def test_chat_logprobs(client):
 
 def test_completion_logprobs(client):
     got = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=4, temperature=0, logprobs=2)
+    validate("CreateCompletionResponse", got.model_dump(exclude_unset=True))
     lp = got.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert "".join(lp.tokens) == got.choices[0].text and all(len(t) == 2 for t in lp.top_logprobs)

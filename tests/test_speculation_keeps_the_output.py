@@ -83,15 +83,32 @@ def test_seeded_sampling_repeats_and_uses_drafts(engine):
     assert a.out == b.out and stats.accepted > 0
 
 
-def test_the_split_pays_fewer_round_trips(smollm2, smollm2_servers):
+@pytest.mark.parametrize("privacy", ["plain", "otp"])
+def test_the_split_pays_fewer_round_trips(privacy, smollm2, smollm2_servers):
     from teegpu.options import rpcs_per_forward
     from teegpu.tee.engine import Engine
 
     weights, tok = smollm2
-    with Engine.connect(weights, tok, smollm2_servers("ipc"), data_plane="shm") as engine:
-        gen = GenerationConfig(max_new_tokens=32, stop_at_eos=False)
+    tokens = 32 if privacy == "plain" else 16
+    with Engine.connect(weights, tok, smollm2_servers("ipc", privacy=privacy), data_plane="shm",
+                        privacy=privacy) as engine:
+        gen = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
         plain = engine.generate(COPY, gen, chat=True)
         fast = engine.generate(COPY, gen, chat=True, speculative=NGRAM)
     assert fast.token_ids == plain.token_ids
-    assert plain.rpc["calls"] == rpcs_per_forward(30) * 32
+    assert plain.rpc["calls"] == rpcs_per_forward(30) * tokens
     assert fast.rpc["calls"] < 0.7 * plain.rpc["calls"] and fast.speculation["tokens_per_step"] > 1.5
+
+
+def test_the_api_reports_acceptance(openai_api):
+    import httpx
+
+    from conftest import API_KEY, SERVED_MODEL
+
+    body = {"model": SERVED_MODEL, "messages": COPY, "max_tokens": 24, "temperature": 0}
+    r = httpx.post(openai_api.url + "/v1/chat/completions", json=body, timeout=120,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and "river" in r.json()["choices"][0]["message"]["content"]
+    metrics = httpx.get(openai_api.url + "/metrics").text
+    rate = next(line for line in metrics.splitlines() if line.startswith("teegpu_speculative_acceptance_rate "))
+    assert float(rate.split()[-1]) > 0 and 'teegpu_speculative_tokens{kind="accepted"}' in metrics
