@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from teegpu.api.errors import ApiError
 from teegpu.config import GenerationConfig
@@ -38,6 +38,17 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # name, refusal, ... carry no text
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart], None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def text_parts_only(cls, data):
+        """Name the part this server does not serve, rather than pydantic's first union member's error."""
+        parts = data.get("content") if isinstance(data, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not served here (only text)")
+        return data
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -186,6 +197,11 @@ class CompletionRequest(CommonRequest):
         return prompts
 
 
+def _type_label(part) -> bool:
+    """pydantic's name of a union member in an error's location (`str`, `list[TextPart]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
+
+
 def parse(model: type[CommonRequest], body: object) -> CommonRequest:
     """A validated request, or ApiError(400) naming the first bad field."""
     if not isinstance(body, dict):
@@ -194,7 +210,7 @@ def parse(model: type[CommonRequest], body: object) -> CommonRequest:
         req = model.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "body"
+        where = ".".join(str(p) for p in err["loc"] if not _type_label(p)) or "body"
         raise ApiError(400, f"{where}: {err['msg']}", param=where) from e
     req.check()
     return req
