@@ -270,14 +270,14 @@ async def complete(service: Service, request: Request, kind: type[CommonRequest]
     logprobs = req.logprob_count()
     call = Call(service, request, Reply("chat" if chat else "text", service.model_id, service.system_fingerprint),
                 req.include_usage)
+    salt = prefix_salt(request, req)
     try:
         for ids, given in zip(prompts, [None] if chat else req.prompts()):
             max_new = req.max_new_tokens(engine.config.max_position_embeddings - len(ids))
             leader = None
             for c in range(req.choices):
                 gen = req.generation(max_new, logprobs, c, prompt_logprobs=echo and logprobs is not None)
-                seq = scheduler.submit(ids, gen, on_event=call.listener(len(call.seqs)), leader=leader,
-                                       salt=prefix_salt(request, req))
+                seq = scheduler.submit(ids, gen, on_event=call.listener(len(call.seqs)), leader=leader, salt=salt)
                 leader = leader or seq
                 call.add(seq, (given if isinstance(given, str) else engine.decode(ids)) if echo else None, c == 0)
     except Exception as e:
