@@ -11,8 +11,8 @@ import os
 import sys
 
 from teegpu.config import (
-    ApiConfig, EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, ShapedModelConfig, SpeculativeConfig,
-    VerifyConfig, add_arguments, from_args,
+    ApiConfig, EngineConfig, GenerationConfig, ProxyConfig, SchedulerConfig, ServerConfig, ShapedModelConfig,
+    SpeculativeConfig, VerifyConfig, add_arguments, from_args,
 )
 from teegpu.errors import TeegpuError
 from teegpu.options import let_idle_workers_sleep
@@ -24,10 +24,11 @@ COMMAND_CONFIGS = {
     "api": (ApiConfig, EngineConfig, SchedulerConfig, SpeculativeConfig),
     "shaped-model": (ShapedModelConfig,),
     "verify": (VerifyConfig,),
+    "proxy": (ProxyConfig, VerifyConfig),
 }
 # the flags of a command that belong to no dataclass (checked by tests/test_cli_flags_match_configs.py)
 COMMAND_FLAGS = {"serve": set(), "generate": {"prompt", "chat", "json"}, "api": set(), "shaped-model": set(),
-                 "verify": {"url", "json"}}
+                 "verify": {"url", "json"}, "proxy": set()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
              "generate": "generate text on the trusted side, linears on the server",
              "api": "serve the OpenAI-compatible HTTP API from the trusted side, many users at once",
              "shaped-model": "write a random-weight model of a named LLaMA shape (benchmarks at real sizes)",
-             "verify": "check a teegpu api --tls server's TEE quote, key, measurement and model"}
+             "verify": "check a teegpu api --tls server's TEE quote, key, measurement and model",
+             "proxy": "verify a teegpu api --tls server, then serve it as plain OpenAI API (and a chat page) "
+                      "on localhost"}
     for name, configs in COMMAND_CONFIGS.items():
         s = sub.add_parser(name, help=helps[name])
         if name == "verify":
@@ -137,9 +140,20 @@ def run_verify(args) -> int:
     if args.json:
         print(json.dumps({**done.__dict__, "spki_sha256": done.spki_sha256.hex()}))
         return 0
+    print_checks(done)
+    return 0
+
+
+def print_checks(done) -> None:
     print(f"{done.url}: attestation {done.attestation}, {done.measurement or 'no measurement'}")
     for line in done.checks:
         print(f"  ok  {line}")
+
+
+def run_proxy(args) -> int:
+    from teegpu.proxy import run_proxy as run
+
+    run(from_args(ProxyConfig, args), from_args(VerifyConfig, args), report=print_checks)
     return 0
 
 
@@ -153,7 +167,7 @@ def run_keys(args) -> int:
 
 COMMANDS = {"serve": run_serve, "generate": run_generate, "api": run_api, "analyze": run_analyze,
             "keys": run_keys, "shaped-model": run_shaped_model,
-            "verify": run_verify}
+            "verify": run_verify, "proxy": run_proxy}
 
 
 def main(argv: list[str] | None = None) -> int:

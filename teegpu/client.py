@@ -5,9 +5,10 @@ carries with dcap-qvl (Intel's DCAP rules: signatures up to the root, collateral
 then checks what the quote vouches for: the TLS key (report_data bytes 0..31), the model file's
 SHA-256, the privacy mode and the teegpu version (bytes 32..63), the measurement (MRENCLAVE under
 SGX, MRTD under TDX) and that the enclave is not a debug one. `attested_openai` returns an
-`openai.OpenAI` client whose connections accept only that key: the check runs in the TLS
-handshake, before a request byte is sent. Nothing downgrades silently: a server without
-attestation is refused unless `insecure=True`.
+`openai.OpenAI` client (`attested_async_openai`: an `openai.AsyncOpenAI`) whose connections accept
+only that key: the check runs in the TLS handshake, before a request byte is sent. Nothing
+downgrades silently: a server without attestation is refused unless `insecure=True`. `teegpu
+proxy` (teegpu.proxy) does the same for tools that cannot run this code.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class Verified:
     attestation: str  # gramine, tdx, ... as the server says; "none" without a quote
     spki_sha256: bytes  # the key every later connection must present
     tcb_status: str | None = None
+    tcb_info_date: str | None = None  # when Intel issued the TCB assessment the status comes from
+    advisory_ids: list[str] = field(default_factory=list)
     measurement: str | None = None
     model_sha256: str | None = None
     privacy: str | None = None
@@ -46,17 +49,34 @@ class Verified:
     checks: list[str] = field(default_factory=list)
 
 
+class KeyChanged(ssl.SSLError):
+    """The server presents another key than the attested one (a restart, or someone else)."""
+
+
+def _check_pin(der: bytes | None, pin: bytes) -> None:
+    got = spki_sha256(x509.load_der_x509_certificate(der).public_key()) if der else b""
+    if got != pin:
+        raise KeyChanged(f"server key {got.hex()[:16]}... is not the attested key {pin.hex()[:16]}...")
+
+
 class PinnedSocket(ssl.SSLSocket):
     """A TLS socket that fails its handshake unless the server's key is the pinned one."""
 
     def do_handshake(self, block=False):
         super().do_handshake(block)
-        der = self.getpeercert(binary_form=True)
-        got = spki_sha256(x509.load_der_x509_certificate(der).public_key()) if der else b""
-        if got != self.context.teegpu_pin:
+        try:
+            _check_pin(self.getpeercert(binary_form=True), self.context.teegpu_pin)
+        except KeyChanged:
             self.close()
-            raise ssl.SSLError(f"server key {got.hex()[:16]}... is not the attested key "
-                               f"{self.context.teegpu_pin.hex()[:16]}...")
+            raise
+
+
+class PinnedObject(ssl.SSLObject):
+    """The same check for asyncio's TLS (httpx.AsyncClient, AsyncOpenAI, the proxy)."""
+
+    def do_handshake(self):
+        super().do_handshake()
+        _check_pin(self.getpeercert(binary_form=True), self.context.teegpu_pin)
 
 
 def pinned_context(pin: bytes | None) -> ssl.SSLContext:
@@ -65,9 +85,18 @@ def pinned_context(pin: bytes | None) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     if pin is not None:
-        ctx.sslsocket_class = PinnedSocket
+        ctx.sslsocket_class, ctx.sslobject_class = PinnedSocket, PinnedObject
         ctx.teegpu_pin = pin
     return ctx
+
+
+def key_changed(error: BaseException | None) -> bool:
+    """Whether an error (httpx wraps it twice) comes from a handshake that met another key."""
+    while error is not None:
+        if isinstance(error, KeyChanged):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -108,7 +137,9 @@ def verify_quote(quote: bytes, config: VerifyConfig, now: int | None = None) -> 
             report = dcap_qvl.verify(quote, collateral, now)
     except ValueError as e:
         raise AttestationError(f"quote verification failed: {e}") from e
-    return json.loads(report.to_json())
+    verdict = json.loads(report.to_json())
+    verdict["tcb_info_date"] = json.loads(collateral.tcb_info).get("issueDate")
+    return verdict
 
 
 def _collateral(quote: bytes, config: VerifyConfig):
@@ -141,7 +172,8 @@ def verify_server(url: str, config: VerifyConfig, now: int | None = None) -> Ver
     if evidence.get("quote") and base64.b64decode(evidence["quote"]) != quote:
         raise AttestationError("the evidence endpoint and the certificate carry different quotes")
     report = verify_quote(quote, config, now)
-    done.tcb_status = report["status"]
+    done.tcb_status, done.tcb_info_date = report["status"], report["tcb_info_date"]
+    done.advisory_ids = list(report.get("advisory_ids") or ())
     done.checks.append(f"quote signature and collateral verified by dcap-qvl (TCB {done.tcb_status})")
     if done.tcb_status not in config.allow_tcb:
         raise AttestationError(f"TCB status {done.tcb_status} is not allowed (allowed: {', '.join(config.allow_tcb)})")
@@ -200,21 +232,36 @@ def _check_deployment(done: Verified, evidence: dict, config: VerifyConfig, boun
     return done
 
 
+def _expected(expected: VerifyConfig | None, insecure: bool) -> VerifyConfig:
+    import dataclasses
+
+    config = expected or VerifyConfig()
+    return dataclasses.replace(config, insecure_no_attestation=True) if insecure else config
+
+
 def attested_openai(url: str, expected: VerifyConfig | None = None, insecure: bool = False, api_key: str = "none",
                     **openai_kw):
     """An openai.OpenAI client for a verified teegpu server: every connection it opens must present
     the attested key (a reconnect to another key fails in the handshake, before the request)."""
-    import dataclasses
-
     import httpx
     import openai
 
-    config = expected or VerifyConfig()
-    if insecure:
-        config = dataclasses.replace(config, insecure_no_attestation=True)
-    verified = verify_server(url, config)
+    verified = verify_server(url, _expected(expected, insecure))
     http = httpx.Client(verify=pinned_context(verified.spki_sha256))
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, http_client=http, **openai_kw)
     client.teegpu_attestation = verified
     return client
 
+
+async def attested_async_openai(url: str, expected: VerifyConfig | None = None, insecure: bool = False,
+                                api_key: str = "none", **openai_kw):
+    """attested_openai's async twin: `client = await attested_async_openai(url, expected)` gives an
+    openai.AsyncOpenAI whose connections accept only the attested key (checked in asyncio's TLS)."""
+    import httpx
+    import openai
+
+    verified = await asyncio.to_thread(verify_server, url, _expected(expected, insecure))
+    http = httpx.AsyncClient(verify=pinned_context(verified.spki_sha256))
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, http_client=http, **openai_kw)
+    client.teegpu_attestation = verified
+    return client

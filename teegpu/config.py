@@ -300,6 +300,35 @@ class VerifyConfig:
                 raise ConfigError(f"{name.replace('_', '-')} {value!r} is not hex")
 
 
+@dataclass(slots=True)
+class ProxyConfig:
+    """A local proxy that verifies a teegpu api --tls server, then forwards plain OpenAI API to it (teegpu proxy)."""
+
+    upstream: str = option(None, "https://HOST:PORT of the teegpu api --tls to verify and forward to", metavar="URL",
+                           required=True)
+    listen: str = option("127.0.0.1:8080", "HOST:PORT for local apps and the chat page (port 0: a free one)",
+                         metavar="HOST:PORT")
+    allow_remote: bool = option(False, "allow --listen on an address other than loopback: whoever reaches it "
+                                       "uses the verified upstream (and --api-key-file's key)")
+    reverify_s: float = option(300.0, "verify the upstream again this often (seconds); a new key is verified at once")
+    api_key_file: str | None = option(None, "send this file's API key upstream on every request, so local apps "
+                                             "need none", metavar="FILE")
+    timeout_s: float = option(600.0, "longest an upstream request may take (seconds)")
+
+    def __post_init__(self):
+        if not str(self.upstream or "").startswith("https://"):
+            raise ConfigError(f"upstream {self.upstream!r}: give https://HOST:PORT of a teegpu api --tls")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"listen {self.listen!r}: give HOST:PORT, e.g. 127.0.0.1:8080")
+        _check_min("reverify_s", self.reverify_s, 1)
+        _check_min("timeout_s", self.timeout_s, 1)
+
+    def listen_address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 SHAPES = ("tiny", "llama-3.2-1b", "llama-3-8b")
 
 

@@ -116,6 +116,27 @@ class QuotesUnderTestRoot:
         self.pck = _cert("Test PCK", self.pck_key, self.root, self.root_key, ca=False,
                          extra=[x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX_EXTENSION_OID), PCK_SGX_EXTENSION)])
 
+    PARTS = ("root", "ca", "signer", "pck")
+
+    @classmethod
+    def kept_in(cls, directory, **kw) -> "QuotesUnderTestRoot":
+        """The PKI saved in `directory` (made and saved there the first time): a server restarted
+        with the same directory gets a new TLS key, but its quotes verify under the same root."""
+        from pathlib import Path
+
+        quotes, files = cls(**kw), Path(directory)
+        if not (files / "pki-root.pem").exists():
+            for part in cls.PARTS:
+                key = getattr(quotes, f"{part}_key").private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+                (files / f"pki-{part}.pem").write_bytes(key + getattr(quotes, part).public_bytes(serialization.Encoding.PEM))
+            return quotes
+        for part in cls.PARTS:
+            data = (files / f"pki-{part}.pem").read_bytes()
+            setattr(quotes, f"{part}_key", serialization.load_pem_private_key(data, None))
+            setattr(quotes, part, x509.load_pem_x509_certificate(data[data.index(b"-----BEGIN CERTIFICATE"):]))
+        return quotes
+
     @property
     def root_der(self) -> bytes:
         return self.root.public_bytes(serialization.Encoding.DER)

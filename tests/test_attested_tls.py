@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from api_process import ApiProcess
+from attested_api import MRENCLAVE, expect, start
 from sgx_test_quotes import QuotesUnderTestRoot
 from teegpu.attested_tls import EVIDENCE_PATH
 from teegpu.cli import main as cli_main
@@ -22,8 +23,6 @@ from teegpu.errors import AttestationError, ConfigError
 from teegpu.tee.attestation import model_sha256
 
 SAMPLES = Path(__file__).with_name("data") / "dcap-qvl"  # MIT, from Phala-Network/dcap-qvl's sample/
-LAUNCHER = [str(Path(__file__).with_name("attested_api.py"))]
-MRENCLAVE = "11" * 32  # what QuotesUnderTestRoot measures
 
 
 def at(when: str) -> int:
@@ -58,17 +57,6 @@ def test_test_pki_quotes_verify_only_under_their_root(tmp_path):
 
 
 # ---- a real attested server ----
-
-def start(tmp_path: Path, model, *faults: str, launcher=LAUNCHER) -> tuple[ApiProcess, Path]:
-    state = tmp_path / f"state-{len(list(tmp_path.iterdir()))}"
-    prefix = [*launcher, str(state), *faults, "--"] if launcher else None
-    return ApiProcess("--model", str(model), "--tls", launcher=prefix), state
-
-
-def expect(state: Path, model, **kw) -> VerifyConfig:
-    return VerifyConfig(root_ca=str(state / "root_ca.der"), collateral=str(state / "collateral.json"),
-                        mrenclave=MRENCLAVE, model_sha256=model_sha256(Path(model)), privacy="plain", **kw)
-
 
 @pytest.fixture(scope="module")
 def attested(tmp_path_factory, tiny_model_dir):
