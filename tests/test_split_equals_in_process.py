@@ -62,6 +62,20 @@ def test_split_logits_are_the_in_process_logits_bit_for_bit(dtype, privacy, vari
     split.close()
 
 
+def test_otp_without_verify_is_the_in_process_run_bit_for_bit(smollm2, smollm2_servers, in_process):
+    """Without --verify the integer product is rescaled block by block as its pads come off; with
+    a pool of 4 rows most prompt rows' pads are made online (the stall path): the same bits."""
+    weights, tok = smollm2
+    split = connect_engine(weights, tok, smollm2_servers, "shm", privacy="otp", mask_pool_rows=4)
+    local = in_process("float32", "otp")
+    ids = local.encode(PROMPT, chat=True)
+    for step, (got, want) in enumerate(zip(greedy_logits(split, ids, DECODE_STEPS),
+                                           greedy_logits(local, ids, DECODE_STEPS))):
+        assert torch.equal(got, want), f"step {step}: max difference {(got - want).abs().max().item()}"
+    assert split.linears.pool.stats.as_dict()["stall_ms"] > 0  # the online path was taken too
+    split.close()
+
+
 def batched_step(engine: Engine) -> torch.Tensor:
     """One sequence's prompt rows and another's decode row in one packed step."""
     a, b = engine.encode("The capital of France is"), engine.encode("def fibonacci(n):")

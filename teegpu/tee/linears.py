@@ -146,16 +146,26 @@ class OtpLinears(RemoteLinears):
 
     def linear(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         xq, sx = quantize_rows(x, self.recycler.get(x.numel()).view(x.shape))
-        y = self.integer_linear(op, layer, xq, self.recycler.get(x.shape[0] * self.out_features[op, layer]))
-        out = rescale(y, sx, self.scales[op, layer], x.dtype)
+        scale, d_out = self.scales[op, layer], self.out_features[op, layer]
+        if self.ring_verifier is None:  # rescaled block by block as the pads come off: no integer copy
+            out = torch.empty((x.shape[0], d_out), dtype=x.dtype)
+
+            def emit(at: int, y: torch.Tensor) -> None:
+                out[at:at + y.shape[0]] = y.float().mul_(sx[at:at + y.shape[0]]).mul_(scale)  # as rescale()
+            self.integer_linear(op, layer, xq, emit=emit)
+        else:  # the check needs the whole integer product
+            y = self.integer_linear(op, layer, xq, self.recycler.get(x.shape[0] * d_out))
+            out = rescale(y, sx, scale, x.dtype)
+            self.recycler.put(y)
         self.recycler.put(xq)  # sent and checked: the buffers serve the next request of their size
-        self.recycler.put(y)
         return out
 
-    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def integer_linear(self, op: Op, layer: int, xq: torch.Tensor, out: torch.Tensor | None = None,
+                       emit=None) -> torch.Tensor | None:
         """The exact product xq (int64, |xq| <= 2^15, overwritten) times the integer weight, through the
         padded server. The RPC's record starts once the pads are taken: pads made online count in the
-        pool's stall time. The product is written into `out` (flat, T * d_out words) when given."""
+        pool's stall time. The product is written into `out` (flat, T * d_out words) when given, or
+        handed to `emit(row, rows)` a block at a time (MaskPool.unpad; not with --verify)."""
         taken = self.pool.take((op, layer), xq.shape[0])
         started = time.perf_counter_ns()
         padded = taken.add_to(xq)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
@@ -163,7 +173,7 @@ class OtpLinears(RemoteLinears):
                               snapshot=False)
         verifier = self.ring_verifier
         check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
-        y = self.pool.unpad((op, layer), returned, taken, check, out)  # one read of the reply, wherever it lies
+        y = self.pool.unpad((op, layer), returned, taken, check, out, emit)  # one read of the reply, wherever it lies
         if verifier is not None:
             verifier.check(op, layer, taken.subtract_from(padded), y)
         self.pool.release(taken)

@@ -32,7 +32,7 @@ from teegpu.errors import ConfigError, HandshakeError, ServerError, ServerUnavai
 from teegpu.options import DEFAULT_MASK_POOL_ROWS
 from teegpu.pads import KEY_BYTES, expand_pads, pad_words
 from teegpu.protocol import PAD_KEY_FRAME, ErrorCode, Op
-from teegpu.ring import ring_matmul
+from teegpu.ring import block_rows, ring_matmul
 
 STALL_CHUNK_ROWS = 64  # pads' products computed online, this many rows at a time
 PAD_BLOCK_ROWS = 256  # rows of one pad-server request: a long prefill's pads arrive block by block
@@ -396,31 +396,48 @@ class MaskPool:
                 self._make(later, need, AHEAD)
 
     def unpad(self, key, z: torch.Tensor, taken: Taken, check: Callable | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-        """z - R W^T, as a new tensor (or in the flat buffer `out`): each element of z (which may lie in the shared region, where
-        the server can write at any time) is read exactly once. Part by part, waiting for products
-        still on their way; `check(r, rw)` sees each part's pads and products first (--verify:
-        Freivalds on the pad server's reply). Local stall rows are computed here, a chunk at a
-        time, so that a long prefill never holds all its pads' products at once."""
-        y, at = torch.empty_like(z) if out is None else out.view(z.shape), 0
+              out: torch.Tensor | None = None, emit: Callable | None = None) -> torch.Tensor | None:
+        """z - R W^T, as a new tensor (or in the flat buffer `out`): each element of z (which may lie
+        in the shared region, where the server can write at any time) is read exactly once. Part by
+        part, waiting for products still on their way; `check(r, rw)` sees each part's pads and
+        products first (--verify: Freivalds on the pad server's reply). Local stall rows are computed
+        here, a chunk at a time, so that a long prefill never holds all its pads' products at once.
+        With `emit(row, y_rows)` the product is handed over a cache-sized block of rows at a time
+        instead (and None returned): its consumer reads it while it is still in cache."""
+        y = None if emit is not None else torch.empty_like(z) if out is None else out.view(z.shape)
+        at = 0
         for (batch, lo, rows), r in zip(taken.parts, taken.rs):
-            if not batch.ready.is_set():
-                t0 = time.perf_counter()
-                batch.ready.wait()
-                with self._lock:
-                    self.stats.stall_ms += (time.perf_counter() - t0) * 1000
-            if batch.error is not None:
-                raise batch.error
-            if batch.rw is None:
-                y[at:at + rows] = z[at:at + rows]
-                self._products_online(key, y[at:at + rows], r)
-            else:
-                rw = batch.rw[lo:lo + rows]
+            self._wait(batch)
+            if batch.rw is None:  # made here: the stall path
+                part = z[at:at + rows].clone() if y is None else y[at:at + rows].copy_(z[at:at + rows])
+                self._products_online(key, part, r)
+                if emit is not None:
+                    emit(at, part)
+            elif emit is None:
                 if check is not None:
-                    check(r, rw)
-                torch.sub(z[at:at + rows], rw, out=y[at:at + rows])
+                    check(r, batch.rw[lo:lo + rows])
+                torch.sub(z[at:at + rows], batch.rw[lo:lo + rows], out=y[at:at + rows])
+            else:
+                self._emit_difference(z[at:at + rows], batch.rw[lo:lo + rows], at, emit)
             at += rows
         return y
+
+    def _wait(self, batch: PadBatch) -> None:
+        if not batch.ready.is_set():
+            t0 = time.perf_counter()
+            batch.ready.wait()
+            with self._lock:
+                self.stats.stall_ms += (time.perf_counter() - t0) * 1000
+        if batch.error is not None:
+            raise batch.error
+
+    @staticmethod
+    def _emit_difference(z: torch.Tensor, rw: torch.Tensor, at: int, emit: Callable) -> None:
+        step = block_rows(z.shape[1] * 8)
+        scratch = torch.empty((min(step, z.shape[0]), z.shape[1]), dtype=torch.int64)
+        for i in range(0, z.shape[0], step):
+            n = min(step, z.shape[0] - i)
+            emit(at + i, torch.sub(z[i:i + n], rw[i:i + n], out=scratch[:n]))
 
     def release(self, taken: Taken) -> None:
         """The request is done with these rows: a batch whose every row is done gives its buffers
