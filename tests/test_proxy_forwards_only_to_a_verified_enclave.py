@@ -94,6 +94,36 @@ def test_streams_are_passed_on_as_they_arrive(proxy, tiny_model_dir):
     assert first < 0.5 * reads[-1][0]
 
 
+def completion_tokens(api_url: str) -> float:
+    with httpx.Client(verify=False) as raw:
+        text = raw.get(api_url + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("teegpu_completion_tokens_total")))
+
+
+def test_an_app_that_hangs_up_stops_the_enclave_generating(proxy, upstream, tiny_model_dir):
+    body = {"model": Path(tiny_model_dir).name, "stream": True, "max_tokens": 200, "temperature": 0,
+            "ignore_eos": True, "messages": CHAT["messages"]}
+    started = time.perf_counter()
+    httpx.post(proxy.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=120)
+    whole_s = time.perf_counter() - started  # what all 200 tokens take here
+    before = completion_tokens(upstream[0].url)
+    with httpx.stream("POST", proxy.url + "/v1/chat/completions", json=body, timeout=120) as answer:
+        next(answer.iter_raw())  # one chunk, then hang up
+    time.sleep(max(1.0, 1.5 * whole_s))  # all 200 tokens would be counted by now had it gone on
+    assert completion_tokens(upstream[0].url) - before < 150
+
+
+def test_the_upstream_is_verified_again_on_a_timer(upstream, tiny_model_dir):
+    api, state, _ = upstream
+    proc = ProxyProcess(api.url, *proxy_args(state, tiny_model_dir), "--reverify-s", "1")
+    try:
+        first = httpx.get(proc.url + "/v1/attestation").json()["verified_at"]
+        assert _eventually(lambda: httpx.get(proc.url + "/v1/attestation").json()["verified_at"] != first, 10)
+        assert httpx.get(proc.url + "/health").json()["verified"] is True
+    finally:
+        proc.stop()
+
+
 def test_errors_come_back_unchanged(proxy, upstream, tiny_model_dir):
     bad = {"model": Path(tiny_model_dir).name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}
     headers = {"authorization": f"Bearer {API_KEY}"}

@@ -17,12 +17,12 @@ import socket
 import sys
 from pathlib import Path
 
+import anyio
 import httpx
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.background import BackgroundTask
 
 from teegpu.client import key_changed, verify_server
 from teegpu.config import ProxyConfig, VerifyConfig
@@ -102,9 +102,19 @@ async def forward_request(upstream: Upstream, request: Request, api_key: str | N
         except httpx.HTTPError as e:
             return error(502, f"the upstream failed: {e!r}", "upstream_failed")
         kept = {k: v for k, v in answer.headers.items() if k.lower() not in DROPPED - {"content-length"}}
-        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=kept,
-                                 background=BackgroundTask(answer.aclose))
+        return StreamingResponse(relay(answer), status_code=answer.status_code, headers=kept)
     return error(502, f"the upstream is not verified, nothing was forwarded: {upstream.error}", "upstream_unverified")
+
+
+async def relay(answer: httpx.Response):
+    """The upstream's bytes as they come. However the relay ends (the app closed its connection
+    mid-stream included), the upstream stream is closed too, so that the enclave stops generating."""
+    try:
+        async for chunk in answer.aiter_raw():
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):
+            await answer.aclose()
 
 
 def check_listen(config: ProxyConfig) -> tuple[str, int]:
