@@ -120,7 +120,10 @@ def fetch_evidence(url: str, pin: bytes, timeout_s: float = 10.0) -> dict:
         answer = http.get(url.rstrip("/") + EVIDENCE_PATH)
     if answer.status_code != 200:
         raise AttestationError(f"{url}{EVIDENCE_PATH} answered {answer.status_code}")
-    return answer.json()
+    try:
+        return answer.json()
+    except ValueError as e:
+        raise AttestationError(f"{url}{EVIDENCE_PATH} is not teegpu's evidence (not JSON)") from e
 
 
 def verify_quote(quote: bytes, config: VerifyConfig, now: int | None = None) -> dict:
@@ -158,9 +161,14 @@ def _collateral(quote: bytes, config: VerifyConfig):
 
 def verify_server(url: str, config: VerifyConfig, now: int | None = None) -> Verified:
     """Every check of the module docstring; AttestationError naming the first that fails."""
-    cert = presented_certificate(url)
-    pin = spki_sha256(cert.public_key())
-    evidence = fetch_evidence(url, pin)
+    import httpx
+
+    try:
+        cert = presented_certificate(url)
+        pin = spki_sha256(cert.public_key())
+        evidence = fetch_evidence(url, pin)
+    except (OSError, httpx.HTTPError) as e:  # refused, unreachable, not TLS, another key midway
+        raise AttestationError(f"cannot reach {url} to verify it: {e}") from e
     quote = quote_in(cert)
     done = Verified(url, evidence.get("attestation", ATTESTATION_NONE), pin)
     if quote is None:

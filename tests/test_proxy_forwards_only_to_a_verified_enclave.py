@@ -164,6 +164,15 @@ def test_a_wrong_expectation_refuses_to_serve(upstream, tiny_model_dir, flag, va
     assert status != 0 and message in printed and "ready on" not in printed
 
 
+def test_an_unreachable_upstream_is_named_and_nothing_is_served():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    proc = ProxyProcess(f"https://127.0.0.1:{port}", "--insecure-no-attestation", wait=False)
+    status, printed = proc.finish()
+    assert status != 0 and f"cannot reach https://127.0.0.1:{port}" in printed and "ready on" not in printed
+
+
 def test_remote_listening_needs_its_flag(upstream, tiny_model_dir):
     api, state, _ = upstream
     proc = ProxyProcess(api.url, *proxy_args(state, tiny_model_dir), "--listen", "0.0.0.0:0", wait=False)
