@@ -3,7 +3,8 @@ users through the HTTP API (bench/serve.py); `python -m bench soak`: clients und
 faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/seed.py);
 `python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py);
 `python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py);
-`python -m bench speculative`: decoding with and without prompt-lookup speculation (bench/speculative.py)."""
+`python -m bench speculative`: decoding with and without prompt-lookup speculation (bench/speculative.py);
+`python -m bench proxy`: chat straight to the attested API and through `teegpu proxy` (bench/proxy.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -28,6 +29,10 @@ elif sys.argv[1:2] == ["speculative"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["chat"]:
     from bench.chat import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["proxy"]:
+    from bench.proxy import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["soak"]:

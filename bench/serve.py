@@ -59,9 +59,11 @@ def one_stream(url: str, model_id: str, prompt: str, tokens: int, out: list) -> 
     out.append((ttft or 0.0, gaps, used))
 
 
-def streamed_chunks(url: str, body: dict):
-    """The JSON chunks of one streamed chat completion, as they arrive."""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+def streamed_chunks(url: str, body: dict, http: httpx.Client | None = None):
+    """The JSON chunks of one streamed chat completion, as they arrive (through `http` when given:
+    a pinned client, say)."""
+    with (http.stream("POST", url + "/v1/chat/completions", json=body) if http is not None else
+          httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600)) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):

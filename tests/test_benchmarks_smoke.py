@@ -115,3 +115,12 @@ def test_speculative_bench_runs_every_case(tiny_model_dir):
     for row in res["cases"].values():
         assert row["plain_tokens_per_s"] > 0 and row["ratio"] == row["ngram_tokens_per_s"] / row["plain_tokens_per_s"]
     assert "tokens per step" in speculative.format_table(res)
+
+
+def test_proxy_bench_compares_direct_and_proxied_chat(tiny_model_dir):
+    from bench import proxy
+
+    res = proxy.measure([2], requests=1, tokens=4, model=str(tiny_model_dir))  # asserts the same answers
+    row = res["levels"][2]
+    assert row["direct_ttft_ms"] > 0 and row["ratio_total"] == row["proxy_total_ms"] / row["direct_total_ms"]
+    assert "TTFT proxy ms" in proxy.format_table(res)
