@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 
 import httpx
 
-from bench.serve import PROMPTS, start_api, streamed_chunks
+from bench.serve import PROMPTS, start_api, start_ready, streamed_chunks
 
 READY = "teegpu proxy ready on "
 
@@ -30,11 +29,7 @@ READY = "teegpu proxy ready on "
 def start_proxy(upstream: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "teegpu.cli", "proxy", "--upstream", upstream, "--listen", "127.0.0.1:0",
            "--insecure-no-attestation"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith(READY):
-            return proc, line[len(READY):].split()[0]
-    raise RuntimeError(f"teegpu proxy exited with {proc.wait()} before it was ready")
+    return start_ready(cmd, READY)
 
 
 def timed_stream(http: httpx.Client, url: str, model_id: str, prompt: str, tokens: int, out: list) -> None:

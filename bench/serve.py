@@ -33,11 +33,16 @@ def start_api(model: str | None, max_batch: int, *extra: str) -> tuple[subproces
     cmd = [sys.executable, "-m", "teegpu.cli", "api", "--port", "0", "--max-batch", str(max_batch), *extra]
     if model:
         cmd += ["--model", model]
+    return start_ready(cmd, READY)
+
+
+def start_ready(cmd: list[str], ready: str) -> tuple[subprocess.Popen, str]:
+    """Start a teegpu process; (it, the address its ready line names) once it prints that line."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
-        if line.startswith(READY):
-            return proc, line[len(READY):].split()[0]
-    raise RuntimeError(f"teegpu api exited with {proc.wait()} before it was ready")
+        if line.startswith(ready):
+            return proc, line[len(ready):].split()[0]
+    raise RuntimeError(f"teegpu {cmd[3]} exited with {proc.wait()} before it was ready")
 
 
 def one_stream(url: str, model_id: str, prompt: str, tokens: int, out: list) -> None:

@@ -149,10 +149,7 @@ class OtpLinears(RemoteLinears):
         scale, d_out = self.scales[op, layer], self.out_features[op, layer]
         if self.ring_verifier is None:  # rescaled block by block as the pads come off: no integer copy
             out = torch.empty((x.shape[0], d_out), dtype=x.dtype)
-
-            def emit(at: int, y: torch.Tensor) -> None:
-                out[at:at + y.shape[0]] = y.float().mul_(sx[at:at + y.shape[0]]).mul_(scale)  # as rescale()
-            self.integer_linear(op, layer, xq, emit=emit)
+            self.integer_linear(op, layer, xq, emit=lambda at, y: rescale_rows(out, at, y, sx, scale))
         else:  # the check needs the whole integer product
             y = self.integer_linear(op, layer, xq, self.recycler.get(x.shape[0] * d_out))
             out = rescale(y, sx, scale, x.dtype)
@@ -198,9 +195,14 @@ def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch
     out = torch.empty(y.shape, dtype=dtype)
     step = block_rows(y.shape[1] * 8)
     for i in range(0, y.shape[0], step):
-        rows = slice(i, i + step)
-        out[rows] = y[rows].float().mul_(sx[rows]).mul_(scale)
+        rescale_rows(out, i, y[i:i + step], sx, scale)
     return out
+
+
+def rescale_rows(out: torch.Tensor, at: int, y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor) -> None:
+    """out[at:at + len(y)] = rescale's float rows of the integer rows y (rows at.. of the product)."""
+    rows = slice(at, at + y.shape[0])
+    out[rows] = y.float().mul_(sx[rows]).mul_(scale)
 
 
 def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> Hello:
