@@ -4,7 +4,8 @@ faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/se
 `python -m bench contention`: split vs in-process decode with one core kept busy (bench/contention.py);
 `python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py);
 `python -m bench speculative`: decoding with and without prompt-lookup speculation (bench/speculative.py);
-`python -m bench proxy`: chat straight to the attested API and through `teegpu proxy` (bench/proxy.py)."""
+`python -m bench proxy`: chat straight to the attested API and through `teegpu proxy` (bench/proxy.py);
+`python -m bench tensor-parallel`: per-RPC cost of a 2-rank server against one (bench/tensor_parallel.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -29,6 +30,10 @@ elif sys.argv[1:2] == ["speculative"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["chat"]:
     from bench.chat import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["tensor-parallel"]:
+    from bench.tensor_parallel import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["proxy"]:

@@ -21,17 +21,19 @@ from teegpu.server_process import ServerProcess
 from teegpu.transport import RpcClient, private_endpoint
 
 
-def measure(calls: int, transport: str, model: str | None) -> dict:
+def measure(calls: int, transport: str, model: str | None, data_plane: str = "socket", rows_per_call: int = 1,
+            **server: object) -> dict:
+    """Median round trip and server compute per op; `server`: more ServerConfig fields (tensor_parallel)."""
     endpoint = private_endpoint() if transport == "ipc" else "tcp://127.0.0.1:*"
     rows = {}
-    with ServerProcess(ServerConfig(model=model, endpoint=endpoint)) as server:
-        client = RpcClient(server.wait_ready())
+    with ServerProcess(ServerConfig(model=model, endpoint=endpoint, **server)) as server_process:
+        client = RpcClient(server_process.wait_ready(), data_plane=data_plane)
         cfg = Hello.from_bytes(client.call(Op.HELLO, 0).payload).config
         h = cfg["hidden_size"]
         ops = {Op.QKV: h, Op.O: cfg["num_heads"] * cfg["head_dim"], Op.GATE_UP: h,
                Op.DOWN: cfg["intermediate_size"], Op.LM_HEAD: h}
         for n, (op, d_in) in enumerate(ops.items()):
-            layer, x = (-1 if op == Op.LM_HEAD else 0), torch.randn(1, d_in)
+            layer, x = (-1 if op == Op.LM_HEAD else 0), torch.randn(rows_per_call, d_in)
             for _ in range(20):
                 client.call(op, layer, [x])
             total, compute = [], []

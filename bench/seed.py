@@ -3,7 +3,8 @@ decode, in plain float32, plain bfloat16 and otp, against monolithic transformer
 random weights, in one run.
 
     python -m bench seed [--shape llama-3.2-1b] [--prefill 1024] [--tokens 8]
-                         [--modes float32,bfloat16,otp,otp+pad-server] [--device auto] [--threads N] [--json]
+                         [--modes float32,bfloat16,otp,otp+pad-server] [--device auto] [--threads N]
+                         [--tensor-parallel 1,2] [--json]
 
 The model is written once (seeded, `teegpu shaped-model`) under the cache directory. Each mode
 runs in its own process (and its server in another), so that each process's peak RSS is its
@@ -28,6 +29,7 @@ from bench import monolithic_env
 from teegpu.config import EngineConfig, ShapedModelConfig
 from teegpu.model.loading import cache_root, load_tokenizer, load_weights
 from teegpu.options import rpcs_per_forward
+from teegpu.telemetry.memory import peak_rss
 
 TEXT = Path(__file__).with_name("sample_text.txt")
 SEED_PREFILL_MS, SEED_RPCS, SEED_BYTES = 332.0, 98, 7.5e9  # the seed's Llama-3.2-1B figures (GPU)
@@ -51,18 +53,11 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def peak_rss(pid: int | None = None) -> int:
-    """Peak resident set (VmHWM) of a process (default: this one), in bytes. Not ru_maxrss: Linux
-    carries that across fork and exec, so a child would report its parent's peak."""
-    for line in Path(f"/proc/{pid or os.getpid()}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 @torch.inference_mode()
-def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, threads: int | None) -> dict:
-    """One mode of the split runtime, in this process (the trusted side) and a private server."""
+def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, threads: int | None,
+              tensor_parallel: int = 1) -> dict:
+    """One mode of the split runtime, in this process (the trusted side) and a private server (of
+    `tensor_parallel` ranks)."""
     from teegpu.tee.engine import Engine
 
     from teegpu.config import ServerConfig
@@ -70,17 +65,23 @@ def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, thr
     from teegpu.transport import private_endpoint
 
     t0 = time.monotonic()
-    pad_server, extra = None, {}
+    pad_server, extra, server = None, {}, None
     if mode == "otp+pad-server":  # a second otp server, started here, makes the pads' products
         pad_server = ServerProcess(ServerConfig(model=model, endpoint=private_endpoint(), device=device, privacy="otp"))
         extra = dict(pad_server=(pad_server.wait_ready(),), pads="server")
+    if tensor_parallel > 1:  # started here: the engine starts single servers only
+        server = ServerProcess(ServerConfig(model=model, endpoint=private_endpoint(), device=device,
+                                            tensor_parallel=tensor_parallel, **MODES[mode]))
+        extra["server"] = server.wait_ready()
     engine = Engine.open(EngineConfig(model=model, device=device, threads=threads, **MODES[mode], **extra))
+    engine.server_process = engine.server_process or server
     out = {"load_s": time.monotonic() - t0}
     try:
         return measure_split(engine, out, prefill, tokens, pad_server)
     finally:
-        if pad_server is not None:
-            pad_server.stop()
+        for proc in (pad_server, server):
+            if proc is not None:
+                proc.stop()
 
 
 def measure_split(engine, out: dict, prefill: int, tokens: int, pad_server) -> dict:
@@ -113,6 +114,9 @@ def measure_split(engine, out: dict, prefill: int, tokens: int, pad_server) -> d
         out["decode_cpu_ms_per_token"] = (time.process_time() - c0) * 1000 / tokens
         out["peak_rss_trusted"] = peak_rss()
         out["peak_rss_server"] = peak_rss(engine.server_process.proc.pid)
+        if engine.hello.tensor_parallel > 1:  # each rank's own peak (rank 0 is the server process)
+            out["peak_rss_ranks"] = [peak_rss(rank["pid"]) for rank in engine.hello.ranks]
+            out["weight_bytes_ranks"] = [rank["weight_bytes"] for rank in engine.hello.ranks]
         if pad_server is not None:
             out["peak_rss_pad_server"] = peak_rss(pad_server.proc.pid)
     return out
@@ -143,14 +147,16 @@ def run_monolithic(model: str, dtype: str, prefill: int, tokens: int, device: st
     return out
 
 
-def in_child(args, what: str, mode: str) -> dict:
+def in_child(args, what: str, mode: str, tensor_parallel: int = 1) -> dict:
     """Run one measurement in a fresh process (its own peak RSS); its last stdout line is JSON."""
     # `-m bench.seed`, not `-m bench`: the child keeps the environment it is given (bench/__init__.py)
     cmd = [sys.executable, "-m", "bench.seed", "--child", what, "--child-mode", mode, "--model", str(args.model),
-           "--prefill", str(args.prefill), "--tokens", str(args.tokens), "--device", args.device]
+           "--prefill", str(args.prefill), "--tokens", str(args.tokens), "--device", args.device,
+           "--tensor-parallel", str(tensor_parallel)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    print(f"[{time.strftime('%H:%M:%S')}] {what} {mode} ...", file=sys.stderr, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {what} {mode}{f' tp{tensor_parallel}' if tensor_parallel > 1 else ''} ...",
+          file=sys.stderr, flush=True)
     env = monolithic_env() if what == "monolithic" else None
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if done.returncode:
@@ -168,7 +174,8 @@ def measure(args) -> dict:
         hf_dtype = MODES[mode]["dtype"]
         if f"hf {hf_dtype}" not in res["modes"]:
             res["modes"][f"hf {hf_dtype}"] = in_child(args, "monolithic", hf_dtype)
-        res["modes"][f"split {mode}"] = in_child(args, "split", mode)
+        for ranks in getattr(args, "tensor_parallel", [1]):
+            res["modes"][f"split {mode}" + (f" tp{ranks}" if ranks > 1 else "")] = in_child(args, "split", mode, ranks)
     return res
 
 
@@ -182,7 +189,7 @@ def format_table(res: dict) -> str:
         if "error" in m:
             lines.append(f"{name:18} {m['error']}")
             continue
-        hf = res["modes"].get(f"hf {MODES.get(name.removeprefix('split '), {}).get('dtype', '')}", {})
+        hf = res["modes"].get(f"hf {MODES.get(name.removeprefix('split ').split()[0], {}).get('dtype', '')}", {})
         ratio = (lambda k: f"{m[k] / hf[k]:.2f}" if name.startswith("split") and k in hf else "")
         rss_t = m.get("peak_rss_trusted", m.get("peak_rss", 0)) / gib
         rss_s = f"{m['peak_rss_server'] / gib:.2f} GiB" if "peak_rss_server" in m else ""
@@ -199,6 +206,9 @@ def format_table(res: dict) -> str:
         f"{name}: {m['prefill_cpu_ms']:.0f} ({m['prefill_cpu_ms'] / plain['prefill_cpu_ms'] if plain else 0:.2f}x) / "
         f"{m['decode_cpu_ms_per_token']:.1f} ({m['decode_cpu_ms_per_token'] / plain['decode_cpu_ms_per_token'] if plain else 0:.2f}x)"
         for name, m in res["modes"].items() if "prefill_cpu_ms" in m))
+    lines.extend(f"{name}: per rank, weights held " + ", ".join(f"{b / gib:.2f}" for b in m["weight_bytes_ranks"])
+                 + " GiB, peak RSS " + ", ".join(f"{b / gib:.2f}" for b in m["peak_rss_ranks"]) + " GiB"
+                 for name, m in res["modes"].items() if "peak_rss_ranks" in m)
     lines.append(f"the seed (Llama-3.2-1B, GPU): prefill {SEED_PREFILL_MS:.0f} ms, {SEED_RPCS} RPCs, "
                  f"{SEED_BYTES / 1e9:.1f} GB per forward; expected RPCs here {res['expected_rpcs']}")
     return "\n".join(lines)
@@ -214,18 +224,20 @@ def main(argv=None) -> None:
     p.add_argument("--modes", default="float32,bfloat16,otp")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, help="torch threads of the trusted side (default: the engine's)")
+    p.add_argument("--tensor-parallel", default="1", help="ranks of the split's server; a list (1,2) runs each")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", choices=("split", "monolithic"), help=argparse.SUPPRESS)
     p.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "split":
         print(json.dumps(run_split(args.model, args.child_mode, args.prefill, args.tokens, args.device,
-                                   args.threads)))
+                                   args.threads, int(args.tensor_parallel))))
         return
     if args.child == "monolithic":
         print(json.dumps(run_monolithic(args.model, args.child_mode, args.prefill, args.tokens, args.device)))
         return
     args.modes = [m for m in args.modes.split(",") if m]
+    args.tensor_parallel = [int(n) for n in args.tensor_parallel.split(",") if n]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         p.error(f"unknown modes {unknown}: choose from {list(MODES)}")

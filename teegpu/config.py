@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from teegpu.errors import ConfigError
 from teegpu.options import (
     ATTESTATION_KINDS, CONTROL_PLANES, DATA_PLANES, DEFAULT_MASK_POOL_ROWS, DEFAULT_SPIN_MAX_US, DEFAULT_TIMEOUT_MS,
-    DEVICES, DTYPES, PAD_MODES, PRIVACY_MODES,
+    DEVICES, DTYPES, PAD_MODES, PRIVACY_MODES, TP_FAN_OUTS,
 )
 
 
@@ -71,6 +71,14 @@ class ServerConfig:
     curve_allow: str | None = option(None, "CURVE: directory of the client public keys to accept", metavar="DIR")
     parent_pid: int | None = option(None, "stop once the process with this id is gone (a private server's "
                                     "trusted side)", metavar="PID")
+    tensor_parallel: int = option(1, "split every linear by output columns across N ranks (torch.distributed); "
+                                  "under torchrun N is its world size, else this command starts N-1 local ranks",
+                                  metavar="N")
+    tp_fan_out: str = option("auto", "how rank 0 hands a request's input to the other ranks: shm (one host), "
+                             "broadcast (torch.distributed), auto (shm when every rank is on this host)",
+                             choices=TP_FAN_OUTS)
+    tp_timeout_s: float = option(60.0, "a collective that waits longer than this takes the tensor-parallel group "
+                                 "down (longer than the slowest product)", metavar="S")
 
     def __post_init__(self):
         if (self.curve_secret is None) != (self.curve_allow is None):
@@ -78,6 +86,9 @@ class ServerConfig:
         _check_choices(self)
         _check_min("busy_poll_us", self.busy_poll_us, 0)
         _check_min("spin_max_us", self.spin_max_us, 0)
+        _check_min("tensor_parallel", self.tensor_parallel, 1)
+        if self.tp_timeout_s <= 0:
+            raise ConfigError(f"tp_timeout_s must be positive, got {self.tp_timeout_s}")
 
     def to_argv(self) -> list[str]:
         return to_argv(self)

@@ -10,6 +10,7 @@ PRIVACY_MODES = ("plain", "otp")  # what the server sees: activations, or one-ti
 PAD_MODES = ("server", "local", "server-or-local")  # otp: who computes the pads' products R*W^T
 DATA_PLANES = ("socket", "shm")  # where tensors travel: in the messages, or through /dev/shm
 CONTROL_PLANES = ("doorbell", "socket")  # with shm, how requests are announced: polled words, or messages
+TP_FAN_OUTS = ("auto", "shm", "broadcast")  # how a tensor-parallel server hands each input to its ranks
 DTYPES = ("float32", "bfloat16", "float16")  # of the weights, the wire and the trusted activations
 
 DEFAULT_TIMEOUT_MS = 60_000  # deadline of one request to the server

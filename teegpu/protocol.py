@@ -246,6 +246,8 @@ class Hello:
     ring_fingerprint: str | None  # otp: of the integer weights and scales
     config: dict  # the model's ModelConfig.to_dict()
     kernels: dict = field(default_factory=dict)  # products.Kernels of a CPU server, or the CUDA device
+    tensor_parallel: int = 1  # ranks that each hold a column slice of every weight
+    ranks: list = field(default_factory=list)  # of a tensor-parallel server: each rank's pid, host, weight bytes, RSS
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from teegpu.errors import ConfigError
+from teegpu.model.weights import column_slice
 
 WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit int8
 ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
@@ -196,33 +197,56 @@ def check_vectors(d_in: int, security_bits: int = 40) -> int:
 
 @dataclass
 class QuantizedLinears:
-    weights: dict  # (op, layer) -> RingWeight
-    scales: dict  # (op, layer) -> float32 per-output-channel scale
-    fingerprint: str  # SHA-256 over the integer weights and scales: both sides must derive the same
+    weights: dict  # (op, layer) -> RingWeight (of the rows this rank holds)
+    scales: dict  # (op, layer) -> float32 per-output-channel scale (same rows)
+    fingerprint: str  # over the integer weights and scales: both sides must derive the same ("" for a slice)
+    row_digests: dict  # (op, layer) -> SHA-256 of each held row, concatenated (what ring_fingerprint hashes)
 
 
-def quantize_linears(weights, visit: Callable | None = None, keep: bool = True) -> QuantizedLinears:
+def quantize_linears(weights, visit: Callable | None = None, keep: bool = True,
+                     part: tuple[int, int] = (0, 1)) -> QuantizedLinears:
     """Every served weight of a ModelWeights, read and quantized a block of rows at a time into its
     RingWeight (not kept without `keep`: scales and fingerprint only); `visit(key, start, q_block)`
-    sees each integer block (the Freivalds precomputation)."""
-    h = hashlib.sha256(f"ring int16 max {WEIGHT_MAX}".encode())
-    out = QuantizedLinears({}, {}, "")
+    sees each integer block (the Freivalds precomputation). With `part` (rank, ranks): only the
+    rows that tensor-parallel rank holds, and no fingerprint (rank 0 makes it from every rank's
+    row digests)."""
+    out = QuantizedLinears({}, {}, "", {})
     for key in sorted(weights.served_keys()):
         d_out, d_in = weights.shape(key[0])
-        ring, scales, start = RingWeight(d_out, d_in) if keep else None, [], 0
-        h.update(str(key).encode())
-        for block in weights.blocks(*key):
+        start, end = column_slice(d_out, *part)
+        ring, scales, digests, row = RingWeight(end - start, d_in) if keep else None, [], [], 0
+        for block in weights.blocks(*key, rows=(start, end)):
             q, scale = quantize_weights(block)
             if ring is not None:
-                ring.set_rows(start, q)
-            h.update(q.to(torch.int16).numpy().tobytes())  # |q| <= WEIGHT_MAX fits int16
+                ring.set_rows(row, q)
             if visit is not None:
-                visit(key, start, q)
+                visit(key, row, q)
+            digests.append(row_digests(q, scale))
             scales.append(scale)
-            start += q.shape[0]
-        out.scales[key] = torch.cat(scales)
+            row += q.shape[0]
+        out.scales[key] = torch.cat(scales) if scales else torch.empty(0)  # a rank may hold no rows
+        out.row_digests[key] = b"".join(digests)
         if ring is not None:
             out.weights[key] = ring
-        h.update(out.scales[key].numpy().tobytes())
-    out.fingerprint = h.hexdigest()
+    if part[1] == 1:
+        out.fingerprint = ring_fingerprint(out.row_digests)
     return out
+
+
+def row_digests(q: torch.Tensor, scale: torch.Tensor) -> bytes:
+    """SHA-256 of each integer row (as int16: |q| <= WEIGHT_MAX) with its scale, concatenated: a
+    row's digest needs only that row, so tensor-parallel ranks hash their own slices."""
+    rows, scales = q.to(torch.int16).numpy().tobytes(), scale.numpy().tobytes()
+    width = len(rows) // max(q.shape[0], 1)
+    return b"".join(hashlib.sha256(rows[i * width:(i + 1) * width] + scales[4 * i:4 * i + 4]).digest()
+                    for i in range(q.shape[0]))
+
+
+def ring_fingerprint(digests: dict) -> str:
+    """SHA-256 over every served weight's row digests, in key order: the integer weights and their
+    scales, the same value however many ranks hold them."""
+    h = hashlib.sha256(f"ring int16 max {WEIGHT_MAX}, row digests".encode())
+    for key in sorted(digests):
+        h.update(str(key).encode())
+        h.update(hashlib.sha256(digests[key]).digest())
+    return h.hexdigest()

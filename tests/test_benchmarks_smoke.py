@@ -70,11 +70,16 @@ def test_seed_workload_bench_runs_every_mode(tiny_model_dir):
     from bench import seed
 
     args = argparse.Namespace(model=str(tiny_model_dir), prefill=24, tokens=2, device="cpu", threads=None,
-                              modes=["float32", "otp+pad-server"])
+                              modes=["float32", "otp+pad-server"], tensor_parallel=[1, 2])
     res = seed.measure(args)
     modes = res["modes"]
-    assert set(modes) == {"hf float32", "split float32", "split otp+pad-server"}
-    for name in ("split float32", "split otp+pad-server"):
+    assert set(modes) == {"hf float32", "split float32", "split otp+pad-server", "split float32 tp2",
+                          "split otp+pad-server tp2"}
+    for name in ("split float32 tp2", "split otp+pad-server tp2"):  # each rank's memory, from its own process
+        m = modes[name]
+        assert len(m["peak_rss_ranks"]) == 2 and all(rss > 0 for rss in m["peak_rss_ranks"])
+        assert 0 < m["weight_bytes_ranks"][1] <= m["weight_bytes_ranks"][0]
+    for name in ("split float32", "split otp+pad-server", "split float32 tp2"):
         m = modes[name]
         assert m["rpcs_per_forward"] == res["expected_rpcs"] == rpcs_per_forward(3)
         assert m["peak_rss_trusted"] > 0 and m["peak_rss_server"] > 0 and m["prefill_ms"] > 0

@@ -89,13 +89,14 @@ def verify_model_sha256(model: str | os.PathLike | None, expected: str) -> None:
     log(f"model file SHA-256 verified ({actual[:16]}...)")
 
 
-def load_weights(model: str | os.PathLike | None) -> ModelWeights:
+def load_weights(model: str | os.PathLike | None, fingerprint: bool = True) -> ModelWeights:
     """Open the model's weights (where each fused tensor lies; nothing read yet but the
-    fingerprint); raise ModelLoadError with the reason."""
+    fingerprint, unless `fingerprint` is off and no cache knows it); raise ModelLoadError with
+    the reason."""
     path = resolve_model_path(model)
     return_large_frees_to_the_os()  # before the first block is read
     start = time.monotonic()
-    weights = read_hf_dir(path) if path.is_dir() else _load_gguf_cached(path)
+    weights = read_hf_dir(path, fingerprint) if path.is_dir() else _load_gguf_cached(path)
     log(f"opened {path.name} ({weights.config.num_layers} layers) in {time.monotonic() - start:.1f} s")
     return weights
 
@@ -183,7 +184,7 @@ HF_LAYER_NAMES = {
 }
 
 
-def read_hf_dir(path: Path) -> ModelWeights:
+def read_hf_dir(path: Path, fingerprint: bool = True) -> ModelWeights:
     try:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -201,7 +202,7 @@ def read_hf_dir(path: Path) -> ModelWeights:
     for i in range(config.num_layers):
         parts = {short: _take(raw, f"model.layers.{i}.{long}.weight") for long, short in HF_LAYER_NAMES.items()}
         tensors.update(_fuse_layer(i, parts))
-    return ModelWeights.from_files(config, tensors)
+    return ModelWeights.from_files(config, tensors, compute=fingerprint)
 
 
 def _take(raw: dict, name: str) -> list:

@@ -110,15 +110,19 @@ def packs_bfloat16() -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight as `linear` reads it fastest: a bfloat16 weight on the CPU in oneDNN's blocked
     layout where the host supports it (an opaque tensor only `linear` uses), else as it is."""
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and packs_bfloat16():
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.numel() and packs_bfloat16():
         return _REORDER(weight.contiguous(), 1)
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, d_in) @ weight (d_out, d_in)^T, into `out` when given."""
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None, macs: int | None = None
+           ) -> torch.Tensor:
+    """x (T, d_in) @ weight (d_out, d_in)^T, into `out` when given. The kernel is chosen by the
+    product's multiply-adds: `macs` of the whole product when `weight` is a tensor-parallel slice,
+    so that each slice's columns are the whole product's, bit for bit."""
+    macs = x.shape[0] * weight.shape[0] * weight.shape[1] if macs is None else macs
     if weight.is_mkldnn or (_ONEDNN is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                            and x.shape[0] * weight.shape[0] * weight.shape[1] >= ONEDNN_MACS):
+                            and macs >= ONEDNN_MACS):
         y = _ONEDNN(x.contiguous(), weight, None, "none", [], "")
         return y if out is None else out.copy_(y)
     return torch.mm(x, weight.t(), out=out)

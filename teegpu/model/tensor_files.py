@@ -67,29 +67,39 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
     return out
 
 
-def row_blocks(parts: list[StoredTensor], dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The rows of `parts` stacked along dim 0 (q|k|v, gate|up), as blocks of at most BLOCK_BYTES."""
+def row_blocks(parts: list[StoredTensor], dtype: torch.dtype, rows: tuple[int, int] | None = None
+               ) -> Iterator[torch.Tensor]:
+    """The rows of `parts` stacked along dim 0 (q|k|v, gate|up), as blocks of at most BLOCK_BYTES;
+    only rows [start, end) of the stack when `rows` is given (a tensor-parallel rank's slice)."""
+    first = 0  # the stack's row where this part begins
+    start, end = rows if rows is not None else (0, sum(p.shape[0] for p in parts) if parts[0].shape else 1)
     for part in parts:
-        rows = part.shape[0] if part.shape else 1
+        count = part.shape[0] if part.shape else 1
+        lo, hi = max(start - first, 0), min(end - first, count)
+        first += count
+        if lo >= hi:
+            continue
         step = max(1, BLOCK_BYTES // max(part.row_bytes, 1))
         with open(part.path, "rb") as f:
-            for start in range(0, rows, step):
-                n = min(step, rows - start)
+            for at in range(lo, hi, step):
+                n = min(step, hi - at)
                 buf = bytearray(n * part.row_bytes)
-                f.seek(part.offset + start * part.row_bytes)
+                f.seek(part.offset + at * part.row_bytes)
                 if f.readinto(buf) != len(buf):
                     raise ModelLoadError(f"{part.path} ends inside a tensor (truncated file?)")
                 block = torch.frombuffer(buf, dtype=part.dtype).view(n, *part.shape[1:])
                 yield block.to(dtype) if part.shape else block.to(dtype).view(())
 
 
-def read_rows(parts: list[StoredTensor], dtype: torch.dtype) -> torch.Tensor:
-    """The whole (stacked) tensor in `dtype`, filled block by block: no full-size temporary."""
+def read_rows(parts: list[StoredTensor], dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The whole (stacked) tensor in `dtype`, or its rows [start, end), filled block by block: no
+    full-size temporary."""
     if not parts[0].shape:  # a scalar
         return next(row_blocks(parts, dtype))
-    out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=dtype)
+    start, end = rows if rows is not None else (0, sum(p.shape[0] for p in parts))
+    out = torch.empty(end - start, *parts[0].shape[1:], dtype=dtype)
     row = 0
-    for block in row_blocks(parts, dtype):
+    for block in row_blocks(parts, dtype, (start, end)):
         out[row:row + block.shape[0]] = block
         row += block.shape[0]
     return out

@@ -23,7 +23,8 @@ from teegpu.protocol import (
     tensors_from_frames, with_request_id,
 )
 from teegpu.pads import expand_pads
-from teegpu.ring import quantize_linears, ring_matmul
+from teegpu.ring import quantize_linears, ring_fingerprint, ring_matmul
+from teegpu.server import tensor_parallel
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
 from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
@@ -57,23 +58,31 @@ class LinearServer:
     """Holds the fused linear weights on the device and answers one request at a time."""
 
     def __init__(self, weights: ModelWeights, device: torch.device, dtype: torch.dtype, allow_shm: bool = True,
-                 privacy: str = "plain", doorbell: bool = True):
+                 privacy: str = "plain", doorbell: bool = True, part: tuple[int, int] = (0, 1)):
         self.config = weights.config
         # before any weight is packed: probes the kernels (and asks for AMX tiles where present)
         self.kernels = kernels().as_dict() if device.type == "cpu" else {"cuda": torch.cuda.get_device_name(device)}
         self.allow_shm = allow_shm
         self.fingerprint = weights.fingerprint
         self.privacy = privacy
+        self.part = part  # (rank, ranks): a tensor-parallel rank holds only its column slice of each weight
         self.ring_fingerprint = None
+        self.row_digests: dict = {}  # otp on a tensor-parallel rank: for rank 0's ring fingerprint
         self.weights: dict = {}  # (op, layer) -> weight tensor, or RingWeight in otp mode
+        self.weight_bytes = 0  # what this process holds of the weights
         if privacy == "otp":  # exact products in Z/2^64: int8 GEMMs on byte digits and weight halves
             dtype = torch.int64
-            quantized = quantize_linears(weights)  # weight by weight: only the int8 halves stay
-            self.ring_fingerprint = quantized.fingerprint
+            quantized = quantize_linears(weights, part=part)  # weight by weight: only the int8 halves stay
+            self.ring_fingerprint = quantized.fingerprint or None
+            self.row_digests = quantized.row_digests if part[1] > 1 else {}
             self.weights = {key: w.to(device) for key, w in quantized.weights.items()}
+            self.weight_bytes = sum(w.rows.nbytes + w.correction.nbytes for w in self.weights.values())
         else:
-            for key, w in weights.served(dtype):  # read in the served dtype, one weight at a time
+            for key, w in weights.served(dtype, part):  # read in the served dtype, one weight at a time
+                self.weight_bytes += w.nbytes
                 self.weights[key] = pack(w.to(device))
+        self.group = None  # on rank 0 of a tensor-parallel server: its TensorGroup
+        self.ranks: list[dict] = []  # every rank's report (tensor_parallel.rank_report), rank 0's first
         self.device, self.dtype = device, dtype
         self.shapes = weights.served_shapes()  # (d_out, d_in)
         self.requests = 0
@@ -88,7 +97,8 @@ class LinearServer:
     def hello(self) -> Hello:
         return Hello(protocol=PROTOCOL_VERSION, fingerprint=self.fingerprint,
                      dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), privacy=self.privacy,
-                     ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict(), kernels=self.kernels)
+                     ring_fingerprint=self.ring_fingerprint, config=self.config.to_dict(), kernels=self.kernels,
+                     tensor_parallel=self.part[1], ranks=self.ranks)
 
     def handle(self, msg: Incoming) -> tuple[bytes, list] | None:
         """Answer one request (None for RING, which only wakes us); raise ProtocolError for anything malformed."""
@@ -261,30 +271,38 @@ class LinearServer:
             with torch.inference_mode():
                 return self._compute(op, layer, inputs, out)
         on_cpu = self.device.type == "cpu"
-        if on_cpu:
-            self._use_threads(op, layer, inputs)
-        if self.privacy == "otp":
-            result = ring_matmul(inputs[0].to(self.device), self.weights[op, layer], out if on_cpu else None)
-            if out is not None and not on_cpu:
-                out.copy_(result)
-                return out
-            return result.cpu()
-        xs = inputs if on_cpu else [t.to(self.device, non_blocking=True) for t in inputs]
-        if op in ATTENTION_OPS:
-            result = torch.bmm(xs[0], xs[1], out=out if on_cpu else None)
-        else:
-            result = linear(xs[0], self.weights[op, layer], out=out if on_cpu else None)
-        if out is not None and not on_cpu:
-            out.copy_(result)
-            return out
-        return result if on_cpu else result.cpu()
-
-    def _use_threads(self, op: Op, layer: int, inputs: list[torch.Tensor]) -> None:
-        if op in ATTENTION_OPS:
+        if op in ATTENTION_OPS:  # no weight: rank 0 computes it whole
             a, b = inputs
-            macs = a.numel() * b.shape[-1]
+            self._use_threads(a.numel() * b.shape[-1])
+            xs = inputs if on_cpu else [t.to(self.device, non_blocking=True) for t in inputs]
+            result = torch.bmm(xs[0], xs[1], out=out if on_cpu else None)
+        elif self.group is not None:
+            result = self.group.product(self, op, layer, inputs[0], out)
         else:
-            macs = inputs[0].shape[0] * self.shapes[op, layer][0] * self.shapes[op, layer][1]
+            result = self.columns(op, layer, inputs[0], out if on_cpu else None)
+        if out is not None and result.data_ptr() != out.data_ptr():
+            return out.copy_(result)
+        return result.cpu()
+
+    def columns(self, op: Op, layer: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x times this process's rows of the weight: every column on a single server, its slice on a
+        tensor-parallel rank, computed with the kernel and threads of the whole product (so a slice's
+        columns are the whole product's, bit for bit), into `out` (on the device) when given."""
+        d_out, d_in = self.shapes[op, layer]
+        macs = x.shape[0] * d_out * d_in
+        x = x.to(self.device)
+        if self.device.type == "cpu":
+            self._use_threads(macs)
+        weight = self.weights[op, layer]
+        if (weight.d_out if self.privacy == "otp" else weight.shape[0]) == 0:  # a rank left no columns
+            return x.new_empty(x.shape[0], 0)
+        if self.privacy == "otp":
+            return ring_matmul(x, weight, out)
+        return linear(x, weight, out=out, macs=macs)
+
+    def _use_threads(self, macs: int) -> None:
+        if self.device.type != "cpu":
+            return
         threads = product_threads(macs)
         if threads != self.threads:
             torch.set_num_threads(threads)
@@ -318,7 +336,11 @@ class LinearServer:
         try:
             if self._serve_doorbells(sock):  # posted while we decided to sleep: its client saw us awake
                 return True
-            return self._serve_socket(sock, poll_ms, busy_poll_us)
+            if self._serve_socket(sock, poll_ms, busy_poll_us):
+                return True
+            if self.group is not None:
+                self.group.heartbeat()
+            return False
         finally:
             self._announce(AWAKE)
 
@@ -341,6 +363,8 @@ class LinearServer:
         """handle(), with every failure turned into an error reply sent at once."""
         try:
             return self.handle(msg)
+        except tensor_parallel.GroupDown:  # a rank is gone: no reply; rank 0 stops, and its clients see the connection go
+            raise
         except ProtocolError as e:
             sock.reply_error(msg, msg.header, e.code, str(e))
         except Exception as e:  # never let one request take the server down
@@ -394,23 +418,81 @@ class SpinWindow:
 
 
 def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None) -> None:
-    """Load the model, bind, print the endpoint once ready, serve until SIGINT/SIGTERM or `stop`."""
+    """Load the model, bind, print the endpoint once ready, serve until SIGINT/SIGTERM or `stop`.
+    With --tensor-parallel N: join (or start) the group first; ranks other than 0 follow rank 0."""
     device = pick_device(config.device)
-    weights = load_weights(config.model)
+    where = tensor_parallel.place(config)
+    store, procs = tensor_parallel.start_ranks(config, where) if where else (None, [])
+    server, grace_s, stop, down, serving = None, 10.0, stop or threading.Event(), [], threading.Event()
+    if procs:
+        threading.Thread(target=tensor_parallel.watch_ranks, args=(procs, stop, down, serving), daemon=True).start()
+    try:
+        if where is not None:
+            tensor_parallel.join(where, device, store)
+        server = _load(config, device, where)
+        if where is not None and where.rank > 0:
+            _follow(config, server)
+        else:
+            serving.set()
+            _serve_endpoint(config, server, ready, stop, down)
+    except tensor_parallel.GroupDown:
+        grace_s = 1.0  # a rank failed: the others get a moment to exit, then are killed
+        raise
+    finally:
+        if server is not None and server.group is not None and server.part[0] == 0:
+            server.group.stop()
+        tensor_parallel.end_ranks(procs, grace_s)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _load(config: ServerConfig, device: torch.device, where) -> LinearServer:
+    """This process's LinearServer: every weight, or this rank's slices (then the group's reports)."""
+    weights = load_weights(config.model, fingerprint=where is None or where.rank == 0)
     server = LinearServer(weights, device, WIRE_DTYPES[config.dtype], allow_shm=config.data_plane == "shm",
-                          privacy=config.privacy, doorbell=config.control_plane == "doorbell")
+                          privacy=config.privacy, doorbell=config.control_plane == "doorbell",
+                          part=where.part if where else (0, 1))
     del weights
+    if where is not None:
+        server.group = tensor_parallel.TensorGroup(where, device, config.tp_fan_out, config.tp_timeout_s)
+        gathered = server.group.collect(tensor_parallel.rank_report(server), server.row_digests or None)
+        if where.rank == 0:
+            server.ranks = [report for report, _ in gathered]
+            if server.privacy == "otp":  # the whole integer weights' fingerprint, from every rank's rows
+                server.ring_fingerprint = ring_fingerprint(
+                    {key: b"".join(digests[key] for _, digests in gathered) for key in server.row_digests})
+        server.row_digests = {}
+    return server
+
+
+def _follow(config: ServerConfig, server: LinearServer) -> None:
+    """A rank other than 0: compute its columns of every request until rank 0 says stop or is gone."""
+    rank, ranks = server.part
+    if config.parent_pid is not None:
+        threading.Thread(target=tensor_parallel.exit_when_gone, args=(config.parent_pid,), daemon=True).start()
+    print(f"teegpu tensor-parallel rank {rank} of {ranks} ready ({server.weight_bytes / 2**20:.1f} MiB of "
+          f"weights)", file=sys.stderr, flush=True)
+    try:
+        with torch.inference_mode():
+            server.group.follow(server)
+    except RuntimeError as e:  # rank 0 is gone, or a collective timed out
+        raise tensor_parallel.GroupDown(f"tensor-parallel rank {rank}: group down: {tensor_parallel.reason(e)}") from e
+
+
+def _serve_endpoint(config: ServerConfig, server: LinearServer, ready, stop: threading.Event, down: list) -> None:
+    """Rank 0 (or a single server): bind the endpoint and answer requests until `stop` (or a rank
+    it started exits: `down` then says which)."""
     curve = ServerCurve(config.curve_secret, config.curve_allow) if config.curve_secret else None
     sock = ServerSocket(config.endpoint, curve=curve)
-    stop = stop or threading.Event()
     if config.parent_pid is not None:
         threading.Thread(target=_stop_when_gone, args=(config.parent_pid, stop), daemon=True).start()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    print(f"teegpu server ready on {sock.bound_url} (device {device}, dtype {config.dtype}, "
+    group = f", tensor parallel {server.part[1]} (fan-out {server.group.fan_out})" if server.group else ""
+    print(f"teegpu server ready on {sock.bound_url} (device {server.device}, dtype {config.dtype}, "
           f"data plane {config.data_plane}, control plane {config.control_plane}, privacy {config.privacy}, "
-          f"curve {'on' if curve else 'off'}, kernels {server.kernels.get('isa', 'cuda')})", flush=True)
+          f"curve {'on' if curve else 'off'}, kernels {server.kernels.get('isa', 'cuda')}{group})", flush=True)
     if ready is not None:
         ready(sock.bound_url)
     try:
@@ -420,6 +502,8 @@ def serve(config: ServerConfig, ready=None, stop: threading.Event | None = None)
             region.close()
         sock.close()
         print(f"teegpu server stopped after {server.requests} requests", file=sys.stderr, flush=True)
+    if down:
+        raise tensor_parallel.GroupDown(down[0])
 
 
 def _stop_when_gone(pid: int, stop: threading.Event, interval_s: float = 0.5) -> None:
