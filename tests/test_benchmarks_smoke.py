@@ -70,15 +70,14 @@ def test_seed_workload_bench_runs_every_mode(tiny_model_dir):
     from bench import seed
 
     args = argparse.Namespace(model=str(tiny_model_dir), prefill=24, tokens=2, device="cpu", threads=None,
-                              modes=["float32", "otp+pad-server"], tensor_parallel=[1, 2])
+                              modes=["float32", "otp+pad-server"], tensor_parallel=[1])
     res = seed.measure(args)
-    modes = res["modes"]
-    assert set(modes) == {"hf float32", "split float32", "split otp+pad-server", "split float32 tp2",
-                          "split otp+pad-server tp2"}
-    for name in ("split float32 tp2", "split otp+pad-server tp2"):  # each rank's memory, from its own process
-        m = modes[name]
-        assert len(m["peak_rss_ranks"]) == 2 and all(rss > 0 for rss in m["peak_rss_ranks"])
-        assert 0 < m["weight_bytes_ranks"][1] <= m["weight_bytes_ranks"][0]
+    args.modes, args.tensor_parallel = ["float32"], [2]
+    modes = res["modes"] | {name: m for name, m in seed.measure(args)["modes"].items() if "tp2" in name}
+    assert set(modes) == {"hf float32", "split float32", "split otp+pad-server", "split float32 tp2"}
+    m = modes["split float32 tp2"]  # each rank's memory, from its own process
+    assert len(m["peak_rss_ranks"]) == 2 and all(rss > 0 for rss in m["peak_rss_ranks"])
+    assert 0 < m["weight_bytes_ranks"][1] <= m["weight_bytes_ranks"][0]
     for name in ("split float32", "split otp+pad-server", "split float32 tp2"):
         m = modes[name]
         assert m["rpcs_per_forward"] == res["expected_rpcs"] == rpcs_per_forward(3)

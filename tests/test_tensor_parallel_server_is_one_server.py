@@ -14,7 +14,7 @@ from openai import OpenAI
 from api_process import ApiProcess
 from conftest import SERVED_MODEL
 from teegpu.config import GenerationConfig, ServerConfig
-from teegpu.errors import ServerUnavailable
+from teegpu.errors import ServerError, ServerUnavailable
 from teegpu.model.config import ModelConfig
 from teegpu.model.weights import column_slice
 from teegpu.protocol import PAD_KEY_FRAME, Hello, Op
@@ -81,6 +81,10 @@ def test_every_op_is_the_single_servers_bit_for_bit(dtype, privacy, smollm2_serv
     # the fingerprints are over the whole weights, whoever holds which slice
     assert (two.fingerprint, two.ring_fingerprint) == (one.fingerprint, one.ring_fingerprint)
     wire = torch.int64 if privacy == "otp" else getattr(torch, dtype)
+    for client in (single, parallel):  # bad and empty requests get the single server's errors; the group serves on
+        for bad in (torch.zeros(2, 3, dtype=wire), torch.zeros(0, one.config["hidden_size"], dtype=wire)):
+            with pytest.raises(ServerError, match="BAD_SHAPE"):
+                client.call(Op.O, 0, [bad])
     assert_every_op_equal(single, parallel, privacy, wire)
     if privacy == "otp":  # the pad server's request: pads expanded on rank 0, multiplied by every rank
         for client in (single, parallel):

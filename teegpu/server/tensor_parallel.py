@@ -74,6 +74,7 @@ def start_ranks(config: ServerConfig, where: Place) -> tuple[dist.Store | None, 
         return None, []
     store = dist.TCPStore("127.0.0.1", 0, where.ranks, is_master=True, timeout=timedelta(seconds=START_TIMEOUT_S),
                           wait_for_workers=False)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every rank here: loopback, whatever the hostname resolves to
     child = dataclasses.replace(config, parent_pid=os.getpid())
     cmd = [sys.executable, "-m", "teegpu.cli", "serve", *child.to_argv()]
     procs = []
@@ -136,15 +137,23 @@ class TensorGroup:
 
     def product(self, server, op: Op, layer: int, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x times the whole weight of (op, layer): every rank's columns, gathered and concatenated
-        (into `out` when given on this device)."""
+        (into `out` when given on this device). Whatever fails before the command goes out (the
+        buffers of a huge request) fails this request alone; once it is out, rank 0 takes part in
+        the gather even if its own product failed, so the group stays in step."""
         d_out = server.shapes[op, layer][0]
+        parts = self._parts(x.shape[0], d_out, server.dtype)
+        failed = None
         try:
             x = self._fan_out(op, layer, x)
-            parts = self._parts(x.shape[0], d_out, server.dtype)
-            mine = server.columns(op, layer, x, parts[-1])
+            try:
+                mine = server.columns(op, layer, x, parts[-1])
+            except Exception as e:  # the others still send their columns
+                failed, mine = e, parts[-1]
             dist.gather(self._bytes(mine), [self._bytes(p) for p in parts[:-1]], dst=0, group=self.group)
         except RuntimeError as e:  # gloo and NCCL raise RuntimeError (DistBackendError) for a lost rank
             raise GroupDown(f"tensor-parallel rank lost during {op.name} layer {layer}: {reason(e)}") from e
+        if failed is not None:
+            raise failed
         result = out if out is not None and out.device == mine.device else mine.new_empty(x.shape[0], d_out)
         for rank, part in enumerate(parts[:-1]):
             start, end = column_slice(d_out, rank, self.where.ranks)
