@@ -200,7 +200,7 @@ class QuantizedLinears:
     weights: dict  # (op, layer) -> RingWeight (of the rows this rank holds)
     scales: dict  # (op, layer) -> float32 per-output-channel scale (same rows)
     fingerprint: str  # over the integer weights and scales: both sides must derive the same ("" for a slice)
-    row_digests: dict  # (op, layer) -> SHA-256 of each held row, concatenated (what ring_fingerprint hashes)
+    row_digests: dict  # of a slice only: (op, layer) -> SHA-256 of each held row, concatenated (for rank 0)
 
 
 def quantize_linears(weights, visit: Callable | None = None, keep: bool = True,
@@ -209,27 +209,32 @@ def quantize_linears(weights, visit: Callable | None = None, keep: bool = True,
     RingWeight (not kept without `keep`: scales and fingerprint only); `visit(key, start, q_block)`
     sees each integer block (the Freivalds precomputation). With `part` (rank, ranks): only the
     rows that tensor-parallel rank holds, and no fingerprint (rank 0 makes it from every rank's
-    row digests)."""
-    out = QuantizedLinears({}, {}, "", {})
+    row digests, kept for it)."""
+    out, whole = QuantizedLinears({}, {}, "", {}), part[1] == 1
+    key_digests = {}
     for key in sorted(weights.served_keys()):
         d_out, d_in = weights.shape(key[0])
         start, end = column_slice(d_out, *part)
         ring, scales, digests, row = RingWeight(end - start, d_in) if keep else None, [], [], 0
+        h = hashlib.sha256()  # over the row digests, as they come: the whole weight's needs no list
         for block in weights.blocks(*key, rows=(start, end)):
             q, scale = quantize_weights(block)
             if ring is not None:
                 ring.set_rows(row, q)
             if visit is not None:
                 visit(key, row, q)
-            digests.append(row_digests(q, scale))
+            (h.update if whole else digests.append)(row_digests(q, scale))
             scales.append(scale)
             row += q.shape[0]
         out.scales[key] = torch.cat(scales) if scales else torch.empty(0)  # a rank may hold no rows
-        out.row_digests[key] = b"".join(digests)
+        if whole:
+            key_digests[key] = h.digest()
+        else:
+            out.row_digests[key] = b"".join(digests)
         if ring is not None:
             out.weights[key] = ring
-    if part[1] == 1:
-        out.fingerprint = ring_fingerprint(out.row_digests)
+    if whole:
+        out.fingerprint = ring_fingerprint(key_digests)
     return out
 
 
@@ -242,11 +247,19 @@ def row_digests(q: torch.Tensor, scale: torch.Tensor) -> bytes:
                     for i in range(q.shape[0]))
 
 
-def ring_fingerprint(digests: dict) -> str:
-    """SHA-256 over every served weight's row digests, in key order: the integer weights and their
-    scales, the same value however many ranks hold them."""
+def ring_fingerprint(key_digests: dict) -> str:
+    """SHA-256 over every served weight's digest (the SHA-256 of its row digests, in row order),
+    in key order: the integer weights and their scales, the same value however many ranks hold
+    them."""
     h = hashlib.sha256(f"ring int16 max {WEIGHT_MAX}, row digests".encode())
-    for key in sorted(digests):
+    for key in sorted(key_digests):
         h.update(str(key).encode())
-        h.update(hashlib.sha256(digests[key]).digest())
+        h.update(key_digests[key])
     return h.hexdigest()
+
+
+def ring_fingerprint_of_ranks(row_digests: list[dict]) -> str:
+    """ring_fingerprint of the whole weights from each tensor-parallel rank's `row_digests`, in
+    rank order (its rows follow the previous rank's): the same value as one server's."""
+    return ring_fingerprint({key: hashlib.sha256(b"".join(rank[key] for rank in row_digests)).digest()
+                             for key in row_digests[0]})

@@ -23,7 +23,7 @@ from teegpu.protocol import (
     tensors_from_frames, with_request_id,
 )
 from teegpu.pads import expand_pads
-from teegpu.ring import quantize_linears, ring_fingerprint, ring_matmul
+from teegpu.ring import quantize_linears, ring_fingerprint_of_ranks, ring_matmul
 from teegpu.server import tensor_parallel
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
@@ -74,7 +74,7 @@ class LinearServer:
             dtype = torch.int64
             quantized = quantize_linears(weights, part=part)  # weight by weight: only the int8 halves stay
             self.ring_fingerprint = quantized.fingerprint or None
-            self.row_digests = quantized.row_digests if part[1] > 1 else {}
+            self.row_digests = quantized.row_digests
             self.weights = {key: w.to(device) for key, w in quantized.weights.items()}
             self.weight_bytes = sum(w.rows.nbytes + w.correction.nbytes for w in self.weights.values())
         else:
@@ -459,8 +459,7 @@ def _load(config: ServerConfig, device: torch.device, where) -> LinearServer:
         if where.rank == 0:
             server.ranks = [report for report, _ in gathered]
             if server.privacy == "otp":  # the whole integer weights' fingerprint, from every rank's rows
-                server.ring_fingerprint = ring_fingerprint(
-                    {key: b"".join(digests[key] for _, digests in gathered) for key in server.row_digests})
+                server.ring_fingerprint = ring_fingerprint_of_ranks([digests for _, digests in gathered])
         server.row_digests = {}
     return server
 

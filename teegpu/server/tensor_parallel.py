@@ -118,8 +118,8 @@ class TensorGroup:
         if fan_out == "shm" and not where.one_host:
             raise ConfigError("--tp-fan-out shm needs every rank on one host; use broadcast")
         self.where, self.device = where, device
-        self.shm = fan_out == "shm" or (fan_out == "auto" and where.one_host and device.type == "cpu")
-        self.fan_out = "shm" if self.shm else "broadcast"
+        shm = fan_out == "shm" or (fan_out == "auto" and where.one_host and device.type == "cpu")
+        self.fan_out = "shm" if shm else "broadcast"
         self.group = dist.new_group(list(range(where.ranks)), timeout=timedelta(seconds=timeout_s))
         # command, op, layer, rows (on the device for NCCL, which takes device tensors only)
         self.command = torch.zeros(4, dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
@@ -167,7 +167,7 @@ class TensorGroup:
 
     def _fan_out(self, op: Op, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Send the command and hand x to every rank; x as this rank multiplies it."""
-        if not self.shm:
+        if self.fan_out == "broadcast":
             x = x.to(self.device).contiguous()
             self._send(PRODUCT, op, layer, x.shape[0])
             dist.broadcast(self._bytes(x), 0, group=self.group)
@@ -232,7 +232,7 @@ class TensorGroup:
 
     def _follow_product(self, server, op: Op, layer: int, rows: int) -> None:
         d_out, d_in = server.shapes[op, layer]
-        if self.shm:
+        if self.fan_out == "shm":
             x = self.region.tensor(DATA_START, server.dtype, (rows, d_in))
         else:
             x = torch.empty(rows, d_in, dtype=server.dtype, device=self.device)
