@@ -34,6 +34,7 @@ from teegpu.model.weights import column_slice
 
 WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit int8
 ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
+TINY = torch.finfo(torch.float32).tiny  # the least scale: an all-zero row quantizes to zeros
 MAX_D_IN = 1 << 16  # of a weight: keeps honest results below 2^46 (and int32 accumulation exact)
 MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
 FLOAT_BLOCK = 1 << 10  # d_in per float32 GEMM where int8 GEMMs are inexact: sums stay within 2^24
@@ -98,7 +99,7 @@ def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w.shape[1] > MAX_D_IN:
         raise ConfigError(f"d_in {w.shape[1]} exceeds the ring budget of {MAX_D_IN}")
     w = w.float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = (w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX).clamp_min(TINY)
     q = torch.round(w / scale).clamp_(-WEIGHT_MAX, WEIGHT_MAX)
     return q.to(torch.int64), scale.view(-1)
 
@@ -107,12 +108,13 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[tor
     """(int64 fixed-point rows, per-row float32 scale) of float activations (T, d_in), a block of
     rows at a time (`block_rows`); the rows are written into `out` when given."""
     x = x.float()
-    peak = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)  # max |x| per row, no |x| copy
-    scale = (peak / ACT_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.empty(x.shape, dtype=torch.int64) if out is None else out
+    scale = torch.empty((x.shape[0], 1))
     step = block_rows(x.shape[1] * 4)
-    for i in range(0, x.shape[0], step):
-        out[i:i + step] = (x[i:i + step] / scale[i:i + step]).round_().clamp_(-ACT_MAX, ACT_MAX)
+    for i in range(0, x.shape[0], step):  # max |x| per row of a cached block: vector_norm(inf) is 3x slower
+        block = x[i:i + step]
+        s = torch.amax(block.abs(), dim=1, keepdim=True, out=scale[i:i + step]).div_(ACT_MAX).clamp_min_(TINY)
+        out[i:i + step] = (block / s).round_().clamp_(-ACT_MAX, ACT_MAX)
     return out, scale
 
 

@@ -72,6 +72,25 @@ def test_pad_server_pads_give_the_bits_of_local_pads(smollm2, smollm2_servers, p
     assert result.timings["prefill_cpu_ms"] > 0 and result.timings["decode_cpu_ms_per_token"] > 0
 
 
+def test_requests_larger_than_the_region_go_in_pieces_with_the_same_bits(smollm2, smollm2_servers, pad_servers,
+                                                                          local_pads):
+    """A 64 KB region holds 2 rows of SmolLM2's gate/up product: the prompt's products go through it
+    a few rows at a time (not inline), pieces that cross the pool's 3-row batches, and give local
+    pads' bits."""
+    tokens, logits = local_pads
+    pad = pad_servers("a").wait_ready()
+    with pad_engine(smollm2, smollm2_servers("ipc", privacy="otp"), [pad], "shm", shm_bytes=64 << 10,
+                    mask_pool_rows=3) as engine:
+        assert engine.client.region_rows(8 * 576, 8 * 3072) == 2
+        ids = engine.encode(PROMPT)
+        assert len(ids) > 3
+        calls = engine.client.stats.calls
+        assert torch.equal(engine.forward(ids, 0, engine.new_cache(len(ids)), all_logits=True), logits)
+        layers = engine.config.num_layers
+        assert engine.client.stats.calls - calls > 4 * layers + 1  # pieces: more than one call per weight
+        assert engine.generate(PROMPT, GEN).token_ids == tokens
+
+
 def test_batched_sequences_get_the_bits_of_local_pads(smollm2, smollm2_servers, pad_servers):
     """The scheduler's packed steps (several sequences, several pad requests per weight) unpad exactly."""
     weights, tok = smollm2

@@ -29,6 +29,7 @@ from teegpu.tee.prefix_cache import PrefixCache
 from teegpu.tee.text_stream import TextStream
 from teegpu.transport import ClientCurve, RpcClient, private_endpoint
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
+from teegpu.transport.shm_region import DEFAULT_BYTES as DEFAULT_SHM_BYTES
 
 PING_TIMEOUT_MS = 2_000  # a health probe's deadline, shorter than a product's
 THREADED_ROWS = 32  # with a server, steps of fewer rows (decode) run on one thread (trusted_threads)
@@ -141,11 +142,13 @@ class Engine:
                 data_plane: str = "socket", privacy: str = "plain", verify: bool = False,
                 mask_pool_rows: int = DEFAULT_MASK_POOL_ROWS, curve: ClientCurve | None = None,
                 control_plane: str = "doorbell", pad_server: tuple[str, ...] = (), pads: str = "local",
-                pad_curve: ClientCurve | None = None, **kw) -> "Engine":
+                pad_curve: ClientCurve | None = None, shm_bytes: int = DEFAULT_SHM_BYTES, **kw) -> "Engine":
         """An engine on already loaded weights, using the server at `endpoint` after a handshake (and
-        in otp mode the pad servers `pad_server`, if any: EngineConfig says what `pads` means)."""
+        in otp mode the pad servers `pad_server`, if any: EngineConfig says what `pads` means);
+        `shm_bytes`: the size of the shared region on the shm data plane."""
         check_endpoint_reachable(endpoint)
-        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve, control_plane=control_plane)
+        client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve, control_plane=control_plane,
+                           shm_bytes=shm_bytes)
         pad_client = None
         try:
             if pad_server:

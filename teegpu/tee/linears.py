@@ -1,6 +1,7 @@
 """What sits behind the model's `linears` seam on the trusted side."""
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -163,14 +164,24 @@ class OtpLinears(RemoteLinears):
         padded server. The RPC's record starts once the pads are taken: pads made online count in the
         pool's stall time. The product is written into `out` (flat, T * d_out words) when given, or
         handed to `emit(row, rows)` a block at a time (MaskPool.unpad; not with --verify)."""
-        taken = self.pool.take((op, layer), xq.shape[0])
+        rows, d_out = xq.shape[0], self.out_features[op, layer]
+        taken = self.pool.take((op, layer), rows)
         started = time.perf_counter_ns()
         padded = taken.add_to(xq)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
-        returned = self._call(op, layer, (padded,), (xq.shape[0], self.out_features[op, layer]), started,
-                              snapshot=False)
         verifier = self.ring_verifier
         check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
-        y = self.pool.unpad((op, layer), returned, taken, check, out, emit)  # one read of the reply, wherever it lies
+        y = None if emit is not None else torch.empty((rows, d_out), dtype=torch.int64) if out is None \
+            else out.view(rows, d_out)
+        # in pieces that fit the shared region (exact: a ring product's rows do not depend on each other)
+        step = self.client.region_rows(8 * xq.shape[1], 8 * d_out) or rows
+        for at in range(0, max(rows, 1), max(step, 1)):
+            n = min(step, rows - at)
+            returned = self._call(op, layer, (padded[at:at + n],), (n, d_out), started, snapshot=False)
+            piece = taken if n == rows else taken.rows(at, at + n)
+            piece_emit = emit if emit is None or at == 0 else functools.partial(_shifted, emit, at)
+            # one read of the reply, wherever it lies
+            self.pool.unpad((op, layer), returned, piece, check, None if y is None else y[at:at + n], piece_emit)
+            started = None
         if verifier is not None:
             verifier.check(op, layer, taken.subtract_from(padded), y)
         self.pool.release(taken)
@@ -185,6 +196,10 @@ class OtpLinears(RemoteLinears):
     def close(self) -> None:
         self.pool.close()
         super().close()
+
+
+def _shifted(emit, offset: int, at: int, rows: torch.Tensor) -> None:
+    emit(offset + at, rows)
 
 
 def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,7 +217,7 @@ def rescale(y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor, dtype: torch
 def rescale_rows(out: torch.Tensor, at: int, y: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor) -> None:
     """out[at:at + len(y)] = rescale's float rows of the integer rows y (rows at.. of the product)."""
     rows = slice(at, at + y.shape[0])
-    out[rows] = y.float().mul_(sx[rows]).mul_(scale)
+    torch.mul(y, sx[rows], out=out[rows]).mul_(scale)  # y rounded to float32 once, as y.float() would
 
 
 def handshake(client: RpcClient, weights: ModelWeights, privacy: str = "plain") -> Hello:

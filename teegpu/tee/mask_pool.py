@@ -147,6 +147,17 @@ class Taken:
             at += r.shape[0]
         return xq
 
+    def rows(self, start: int, stop: int) -> "Taken":
+        """The rows start..stop of these (a request sent in pieces)."""
+        rs, parts, at = [], [], 0
+        for r, (batch, lo, n) in zip(self.rs, self.parts):
+            a, b = max(start, at), min(stop, at + n)
+            if a < b:
+                rs.append(r[a - at:b - at])
+                parts.append((batch, lo + a - at, b - a))
+            at += n
+        return Taken(rs, parts)
+
     def subtract_from(self, padded: torch.Tensor) -> torch.Tensor:
         """padded - R, as a new tensor."""
         out, at = torch.empty_like(padded), 0

@@ -23,11 +23,11 @@ import zmq
 from teegpu.errors import ConfigError, HandshakeError, ProtocolError, ServerError, ServerUnavailable
 from teegpu.options import CONTROL_PLANES, DATA_PLANES, DEFAULT_TIMEOUT_MS
 from teegpu.protocol import (
-    ATTACHED, DOORBELL, FLAG_SHM, ErrorCode, Header, Hello, Op, TensorDesc, decode_header, encode_header, reply_offsets, shm_offsets,
-    tensor_frame, tensors_from_frames, with_request_id,
+    ALIGN, ATTACHED, DATA_START, DOORBELL, FLAG_SHM, ErrorCode, Header, Hello, Op, TensorDesc, decode_header,
+    encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames, with_request_id,
 )
 from teegpu.transport.curve import ClientCurve
-from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
+from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, nap, relax
 from teegpu.transport.endpoint import Endpoint, parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
@@ -36,6 +36,7 @@ NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING, Op.PAD_KEY)  # part of (re)conn
 TRIES = 3  # a request's deadline is shared by up to this many tries (more when tries fail fast)
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
 MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep on the socket at once
+NAP_STEPS = 32  # after its nap, a long request looks for its reply every this fraction of its recent wait
 MAX_PLANS = 256  # request kinds (and reply layouts) remembered per region
 SOCKET_EVERY = 8  # while polling the doorbell, look at the socket every this many turns
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag enums cost microseconds
@@ -139,6 +140,14 @@ class RpcClient:
     @property
     def data_plane(self) -> str:
         return "shm" if self.shm is not None else "socket"
+
+    def region_rows(self, request_row_bytes: int, reply_row_bytes: int) -> int | None:
+        """How many rows of a one-tensor request and its one-tensor reply fit in the shared region
+        together (None without a region): larger requests go inline, through both sides' ZeroMQ
+        I/O threads, a copy and a fresh buffer per message."""
+        if self.shm is None:
+            return None
+        return max(1, (self.shm.size - DATA_START - 2 * ALIGN) // (request_row_bytes + reply_row_bytes))
 
     def _fall_back(self, reason: str) -> None:
         print(f"teegpu: shared-memory data plane unavailable: {reason}; using sockets", file=sys.stderr, flush=True)
@@ -308,9 +317,10 @@ class RpcClient:
         """A request through the doorbell: post it in the region, wake the server over the socket
         only if it sleeps, then poll for the reply (and the socket, where errors and replies too
         large for the region come) for a window adapted to requests of this op and size, then
-        sleep on the socket. A request whose products take over MAX_SPIN_NS / 2 (an LM head, a
-        prefill chunk) first naps through three quarters of their recent wait: polling all along
-        would take a core from the server's threads, and a reply by socket costs a wake-up. Those
+        sleep on the socket. A request whose products take over MAX_SPIN_NS / 2 (a large layer on
+        a CPU server, an LM head, a prefill chunk) first naps through three quarters of their recent
+        wait, then looks every NAP_STEPS-th of it: spinning would spend the trusted side's CPU (and
+        a core of the server's threads) for nothing, and a reply by socket costs a wake-up. Those
         over MAX_NAP_NS / 2 sleep on the socket at once.
         Returns (path, reply frames, sent ns, reply ready ns)."""
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
@@ -322,13 +332,14 @@ class RpcClient:
             self._socket.send_multipart([b"", encode_header(Op.RING, request.rid, 0)])
             path = "doorbell-ring"
         sent = time.perf_counter_ns()
-        if awake and window > MAX_SPIN_NS:
-            time.sleep(window * 3 / 8 / 1e9)
-        spin_end = time.perf_counter_ns() + min(window, MAX_SPIN_NS) if awake else sent
+        napping = awake and window > MAX_SPIN_NS
+        if napping:
+            nap(window * 3 / 8 / 1e9)
+        spin_end = time.perf_counter_ns() + (window if napping else min(window, MAX_SPIN_NS)) if awake else sent
         for look in itertools.count():
             if bell.replied(seq):
                 return path, [bell.reply_header()], sent, self._learn(kind, sent)
-            if look % SOCKET_EVERY == 0:  # the socket carries only rare news: errors, a lost server
+            if napping or look % SOCKET_EVERY == 0:  # the socket carries only rare news: errors, a lost server
                 message, lost = self._socket_news()
                 if message:
                     reply = self._read_socket()
@@ -336,7 +347,10 @@ class RpcClient:
                         return path, reply, sent, self._learn(kind, sent)
                 if lost or time.perf_counter_ns() > spin_end:
                     break
-            relax()
+            if napping:
+                nap(window / 2 / NAP_STEPS / 1e9)
+            else:
+                relax()
         bell.set_client(ASLEEP)  # from now on the server sends the reply on the socket as well
         if bell.replied(seq):
             return path, [bell.reply_header()], sent, self._learn(kind, sent)
