@@ -1,7 +1,7 @@
 """The shared-memory doorbell: requests announced by polled words in the region instead of
 ZeroMQ messages. Results are exact on every path (doorbell, ring of a sleeping server, reply
 to a sleeping client, socket control plane), the sleep/wake race is closed, a dead peer is
-noticed, and an idle server costs no CPU."""
+noticed, a client waiting for a long product naps, and an idle server costs no CPU."""
 import os
 import signal
 import subprocess
@@ -95,17 +95,52 @@ class DrowsyServer(LinearServer):
             time.sleep(0.02)
 
 
-@pytest.fixture()
-def drowsy_server(tiny_model_dir):
-    server = DrowsyServer(load_weights(str(tiny_model_dir)), torch.device("cpu"), WIRE_DTYPES["float32"])
+class SlowServer(LinearServer):
+    """A real server whose every product takes 5 ms more, like a large layer on a CPU."""
+
+    def _compute(self, op, layer, inputs, out):
+        time.sleep(0.005)
+        return super()._compute(op, layer, inputs, out)
+
+
+def serve_in_thread(server: LinearServer):
     sock = ServerSocket("tcp://127.0.0.1:*")
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(sock, stop), kwargs={"spin_max_us": 200}, daemon=True)
     thread.start()
+    return sock, stop, thread
+
+
+@pytest.fixture()
+def drowsy_server(tiny_model_dir):
+    sock, stop, thread = serve_in_thread(
+        DrowsyServer(load_weights(str(tiny_model_dir)), torch.device("cpu"), WIRE_DTYPES["float32"]))
     yield sock.bound_url
     stop.set()
     thread.join(5)
     sock.close()
+
+
+def test_a_long_product_is_awaited_asleep_not_spinning(tiny_model_dir):
+    """Waiting 5 ms for each reply, the client naps (a few wake-ups per wait) instead of polling:
+    its thread's CPU time stays a small share of the wall time (spinning the last quarter of each
+    wait, as the client did before, took a quarter), and every reply still comes by the doorbell."""
+    sock, stop, thread = serve_in_thread(
+        SlowServer(load_weights(str(tiny_model_dir)), torch.device("cpu"), WIRE_DTYPES["float32"]))
+    try:
+        with RpcClient(sock.bound_url, 5_000, data_plane="shm") as client:
+            for _ in range(10):  # learn the wait
+                product(client, torch.randn(1, HIDDEN))
+            cpu, wall, paths = time.thread_time(), time.monotonic(), set()
+            for _ in range(60):
+                paths.add(product(client, torch.randn(1, HIDDEN))[1])
+            cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+        assert not any(p.endswith("-slept") for p in paths), paths  # never fell back to the socket
+        assert cpu < 0.12 * wall, f"{cpu * 1000:.0f} ms of CPU in {wall * 1000:.0f} ms of waiting"
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
 
 
 def test_posting_in_the_race_window_is_never_lost(drowsy_server):

@@ -170,11 +170,13 @@ class OtpLinears(RemoteLinears):
         padded = taken.add_to(xq)  # wraps mod 2^64: uniform whatever xq is; in xq's memory (xq is consumed)
         verifier = self.ring_verifier
         check = (lambda r, rw: verifier.check_pads(op, layer, r, rw)) if verifier and self.pool.server else None
-        y = None if emit is not None else torch.empty((rows, d_out), dtype=torch.int64) if out is None \
-            else out.view(rows, d_out)
-        # in pieces that fit the shared region (exact: a ring product's rows do not depend on each other)
-        step = self.client.region_rows(8 * xq.shape[1], 8 * d_out) or rows
-        for at in range(0, max(rows, 1), max(step, 1)):
+        y = None
+        if emit is None:
+            y = torch.empty((rows, d_out), dtype=torch.int64) if out is None else out.view(rows, d_out)
+        # in pieces that fit the shared region (exact: a ring product's rows do not depend on each other);
+        # a request of no rows is sent all the same
+        step = self.client.region_rows(8 * xq.shape[1], 8 * d_out) or max(rows, 1)
+        for at in range(0, max(rows, 1), step):
             n = min(step, rows - at)
             returned = self._call(op, layer, (padded[at:at + n],), (n, d_out), started, snapshot=False)
             piece = taken if n == rows else taken.rows(at, at + n)

@@ -68,7 +68,10 @@ def nap(seconds: float) -> None:
     if not getattr(_fine, "slack", False):
         _fine.slack = True
         if sys.platform == "linux":
-            ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, FINE_SLACK_NS, 0, 0, 0)
+            try:  # a libc without prctl (or a sandbox that refuses it) keeps the default slack
+                ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, FINE_SLACK_NS, 0, 0, 0)
+            except (OSError, AttributeError):
+                pass
     time.sleep(seconds)
 
 
