@@ -109,7 +109,7 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[tor
     rows at a time (`block_rows`); the rows are written into `out` when given."""
     x = x.float()
     out = torch.empty(x.shape, dtype=torch.int64) if out is None else out
-    scale = torch.empty((x.shape[0], 1))
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32)
     step = block_rows(x.shape[1] * 4)
     for i in range(0, x.shape[0], step):  # max |x| per row of a cached block: vector_norm(inf) is 3x slower
         block = x[i:i + step]
