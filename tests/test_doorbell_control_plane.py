@@ -2,6 +2,7 @@
 ZeroMQ messages. Results are exact on every path (doorbell, ring of a sleeping server, reply
 to a sleeping client, socket control plane), the sleep/wake race is closed, a dead peer is
 noticed, a client waiting for a long product naps, and an idle server costs no CPU."""
+import errno
 import os
 import signal
 import subprocess
@@ -14,13 +15,14 @@ import pytest
 import torch
 
 from teegpu.config import ServerConfig
-from teegpu.errors import ServerUnavailable
+from teegpu.errors import ServerError, ServerUnavailable
 from teegpu.model.loading import load_weights
 from teegpu.protocol import WIRE_DTYPES, Op
 from teegpu.server.linear_server import LinearServer
 from teegpu.server_process import ServerProcess
-from teegpu.transport import RpcClient, ServerSocket
+from teegpu.transport import RpcClient, ServerSocket, rpc_client
 from teegpu.transport.doorbell import ASLEEP
+from teegpu.transport.rpc_client import FUTEX_MISSES
 
 HIDDEN = 64
 
@@ -72,17 +74,69 @@ def test_a_sleeping_server_is_rung_over_the_socket(tiny_server):
         assert path.startswith("doorbell-ring") and torch.equal(got, want)
 
 
-def test_a_sleeping_client_gets_its_reply_on_the_socket(tiny_server):
-    """A product slower than the client's polling window: it sleeps, the server sends the reply."""
+@pytest.mark.parametrize("sleeps_on", ["futex", "socket"])
+def test_a_sleeping_client_is_woken_by_the_reply(tiny_server, sleeps_on):
+    """A product slower than the client's polling window: it sleeps on the futex of its reply
+    word and the server wakes it there, or (where futexes do not reach it) on its socket, where
+    the server sends the reply."""
     x = torch.randn(2, HIDDEN)
     with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
         want, _ = product(client, x)
+        if sleeps_on == "socket":
+            client.futex_misses = FUTEX_MISSES
         os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # the server stalls longer than the window...
         timer = threading.Timer(0.2, os.kill, (tiny_server.proc.pid, signal.SIGCONT))
         timer.start()
         got, path = product(client, x)  # ...and answers after the client went to sleep
         timer.join()
-        assert path.endswith("-slept") and torch.equal(got, want)
+        assert path.endswith("-waited" if sleeps_on == "futex" else "-slept") and torch.equal(got, want)
+
+
+def sleeping_client(url: str, monkeypatch, timeout_ms: int = 5_000) -> RpcClient:
+    """A doorbell client that sleeps from the start of every wait, as on oversubscribed cores."""
+    client = RpcClient(url, timeout_ms, data_plane="shm")
+    monkeypatch.setattr(client.cpu_wait, "contended", lambda: True)
+    return client
+
+
+def test_an_error_reply_wakes_a_waiting_client(tiny_server, monkeypatch):
+    """Errors come on the socket; the server wakes a client asleep on its futex for them too (the
+    futex's own timeout made longer than the call's deadline: only the wake-up can end the wait)."""
+    monkeypatch.setattr(rpc_client, "FUTEX_SLICE_S", 60.0)
+    with sleeping_client(tiny_server.endpoint, monkeypatch, timeout_ms=30_000) as client:
+        assert product(client, torch.randn(2, HIDDEN))[1].endswith("-waited")
+        os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # the error comes after the client fell asleep
+        timer = threading.Timer(0.2, os.kill, (tiny_server.proc.pid, signal.SIGCONT))
+        timer.start()
+        start = time.monotonic()
+        with pytest.raises(ServerError, match="layer"):
+            client.call(Op.QKV, 99, [torch.randn(2, HIDDEN)])
+        timer.join()
+        assert time.monotonic() - start < 5.0  # not at the try's deadline (10 s): the server woke it
+        assert product(client, torch.randn(2, HIDDEN))[0].shape == (2, 128)  # and it serves on
+
+
+@pytest.mark.parametrize("futex", ["never woken", "refused"])
+def test_wake_ups_that_never_come_send_the_client_to_its_socket(tiny_server, monkeypatch, capfd, futex):
+    """Inside an SGX enclave the futex is the LibOS's own and the server's wake-ups never reach it
+    (simulated here: the real kernel is not in the way). The client notices the waits that ran out
+    with the reply there (or a futex refused outright) and sleeps on its socket from then on."""
+    monkeypatch.setattr(rpc_client, "FUTEX_SLICE_S", 0.01)
+    x = torch.randn(2, HIDDEN)
+    with RpcClient(tiny_server.endpoint, 5_000) as plain:
+        want, _ = product(plain, x)
+    with sleeping_client(tiny_server.endpoint, monkeypatch) as client:
+        product(client, x)  # attaches the region
+        never = (lambda seq, s: (time.sleep(s), errno.ETIMEDOUT)[1]) if futex == "never woken" else \
+            (lambda seq, s: errno.ENOSYS)
+        monkeypatch.setattr(client.shm.doorbell, "wait_reply", never)
+        paths = []
+        for _ in range(FUTEX_MISSES + 2):
+            got, path = product(client, x)
+            assert torch.equal(got, want)
+            paths.append(path)
+    assert paths[-1].endswith("-slept") and client.futex_misses == FUTEX_MISSES, paths
+    assert "futex wake-ups do not reach this process" in capfd.readouterr().err
 
 
 class DrowsyServer(LinearServer):

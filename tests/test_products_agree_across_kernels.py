@@ -25,14 +25,18 @@ def test_float32_products_are_exact_up_to_rounding(rows, d_out, d_in):
     assert ((got - want).abs() <= bound).all()
 
 
-def test_large_products_take_onednn_and_small_ones_torch_mm():
+@pytest.mark.parametrize("small_on", ["torch.mm", "oneDNN"])
+def test_large_products_take_onednn_and_small_ones_the_hosts_choice(monkeypatch, small_on):
+    """Both choices of onednn_macs (a host measures one): small products on torch.mm, or on oneDNN."""
+    monkeypatch.setattr(products, "onednn_macs", lambda: ONEDNN_MACS if small_on == "torch.mm" else 0)
     small, large = (torch.randn(1, 64), torch.randn(64, 64)), (torch.randn(8, 576), torch.randn(3072, 576))
     assert 8 * 3072 * 576 >= ONEDNN_MACS > 64 * 64
-    assert torch.equal(linear(*small), torch.mm(small[0], small[1].t()))
     if products._ONEDNN is None:
+        assert torch.equal(linear(*small), torch.mm(small[0], small[1].t()))
         pytest.skip("torch built without oneDNN: every product is torch.mm")
-    x, w = large
-    assert torch.equal(linear(x, w), products._ONEDNN(x, w, None, "none", [], ""))
+    on_onednn = lambda x, w: products._ONEDNN(x, w, None, "none", [], "")  # noqa: E731
+    assert torch.equal(linear(*small), torch.mm(small[0], small[1].t()) if small_on == "torch.mm" else on_onednn(*small))
+    assert torch.equal(linear(*large), on_onednn(*large))
 
 
 def test_the_product_lands_in_out():
@@ -79,17 +83,20 @@ def test_a_product_has_the_same_bits_in_every_process(rows):
 
 def test_every_wait_policy_reads_the_same_thread_threshold(tmp_path):
     """The server runs with OMP_WAIT_POLICY=PASSIVE, a test or a library user often without: both
-    must size a product's threads alike, from one measurement per host (made first by either)."""
-    code = "from teegpu.model.products import threaded_macs, threads_file; print(threads_file()[0], threaded_macs())"
+    must size a product's threads and choose its kernel alike, from one measurement per host
+    (made first by either)."""
+    code = ("from teegpu.model.products import onednn_macs, threaded_macs, threads_file; "
+            "print(threads_file()[0], threaded_macs(), onednn_macs())")
     answers = []
     for policy in ("ACTIVE", "PASSIVE", None):
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TEEGPU_THREADED_MACS")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OMP_WAIT_POLICY", "TEEGPU_THREADED_MACS", "TEEGPU_ONEDNN_MACS")}
         env.update(TEEGPU_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="2", **({"OMP_WAIT_POLICY": policy} if policy else {}))
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         answers.append(done.stdout.split())
     assert answers[0] == answers[1] == answers[2]
-    assert int(answers[0][1]) in (0, THREADED_MACS)
+    assert int(answers[0][1]) in (0, THREADED_MACS) and int(answers[0][2]) in (0, ONEDNN_MACS)
 
 
 def test_the_isa_comes_from_the_flags_and_the_cap():
@@ -109,5 +116,5 @@ def test_the_kernel_report_names_what_ran():
     assert report.isa == products.cpu_isa()
     if products._ONEDNN is not None:
         assert "matmul" in report.float32_large or "inner_product" in report.float32_large
-    assert report.float32_small.startswith("torch.mm")
-    assert report.threaded_macs == products.threaded_macs()
+    assert report.float32_small.startswith("torch.mm") == (products.onednn_macs() > 8 * 64 * 64)
+    assert report.threaded_macs == products.threaded_macs() and report.onednn_macs == products.onednn_macs()

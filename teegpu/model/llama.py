@@ -59,6 +59,7 @@ class KVCache:
         shape = (config.num_layers, config.num_kv_heads, max_positions, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype)
         self.v = torch.empty(shape, dtype=dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views: a decode step indexes less
         self.max_positions = max_positions
 
     @staticmethod
@@ -67,9 +68,10 @@ class KVCache:
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         end = start + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        keys, values = self.layers[layer]
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        return keys[:, :end], values[:, :end]
 
 
 @dataclass(slots=True)

@@ -4,8 +4,10 @@ on one host always pick the same kernel for the same product: the split's result
 in-process engine's bit for bit (docs/fidelity.md).
 
 - float32: products of at least ONEDNN_MACS multiply-adds on oneDNN's matmul (on an AMD EPYC
-  MKL's sgemm ran at half its speed), smaller ones on torch.mm (MKL). Both are float32 sums in
-  some order: results differ between the two kernels in the last bits, never more.
+  MKL's sgemm ran at half its speed); smaller ones on torch.mm (MKL), or on oneDNN too where a
+  decode step's one- and two-row products run faster there (`onednn_macs`, measured once per
+  host: MKL takes slower paths on CPUs that are not Intel's). Both are float32 sums in some
+  order: results differ between the two kernels in the last bits, never more.
 - bfloat16: the weight packed once in oneDNN's blocked layout (`pack`), where the host's oneDNN
   can (AVX512-BF16 / AMX, or AVX-512 emulation); elsewhere (an AVX2-only host, or
   ONEDNN_MAX_CPU_ISA=AVX2) as it is, through torch.mm.
@@ -44,7 +46,8 @@ from teegpu.ring import digit_products, int8_gemm_exact
 # the threads torch starts with (OMP_NUM_THREADS, or the host's cores), read at import before
 # anything in this process changes them: every process sizes its product threads from this
 CORES = torch.get_num_threads()
-ONEDNN_MACS = 1 << 22  # float32 products of at least this many multiply-adds go to oneDNN
+ONEDNN_MACS = 1 << 22  # float32 products of at least this many multiply-adds go to oneDNN (smaller: onednn_macs)
+ONEDNN_GAIN = 1.1  # smaller float32 products go to oneDNN too where it streams decode products this much faster
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _REORDER = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN is not None else None
 
@@ -122,7 +125,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     so that each slice's columns are the whole product's, bit for bit."""
     macs = x.shape[0] * weight.shape[0] * weight.shape[1] if macs is None else macs
     if weight.is_mkldnn or (_ONEDNN is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-                            and macs >= ONEDNN_MACS):
+                            and macs >= onednn_macs()):
         y = _ONEDNN(x.contiguous(), weight, None, "none", [], "")
         return y if out is None else out.copy_(y)
     return torch.mm(x, weight.t(), out=out)
@@ -131,68 +134,101 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
 @functools.cache
 def threaded_macs() -> int:
     """Products of at least this many multiply-adds run on every core, smaller ones on one.
-    Measured once per host (CPU model, cores, torch, ISA) and kept in the teegpu cache, under a
-    lock, so that every process on the host (the server, the in-process engine) gives a product
-    the same threads and so the same bits, whatever OpenMP wait policy each runs under. Delete the
-    file to measure again, or set TEEGPU_THREADED_MACS (in every process) to choose."""
+    Measured once per host (`host_choices`), so that every process on the host (the server, the
+    in-process engine) gives a product the same threads and so the same bits, whatever OpenMP
+    wait policy each runs under. TEEGPU_THREADED_MACS (set in every process) chooses instead."""
     if os.environ.get("TEEGPU_THREADED_MACS"):
         return int(os.environ["TEEGPU_THREADED_MACS"])
-    if CORES == 1:
-        return THREADED_MACS
+    return host_choices()["threaded_macs"]
+
+
+@functools.cache
+def onednn_macs() -> int:
+    """Float32 products of at least this many multiply-adds run on oneDNN, smaller ones on torch.mm
+    (MKL): 0 where oneDNN streams a decode step's one- and two-row products at least ONEDNN_GAIN
+    times faster than MKL (an AMD EPYC: MKL keeps its fastest paths for Intel's CPUs), else
+    ONEDNN_MACS. Measured once per host with threaded_macs; TEEGPU_ONEDNN_MACS chooses instead."""
+    if os.environ.get("TEEGPU_ONEDNN_MACS"):
+        return int(os.environ["TEEGPU_ONEDNN_MACS"])
+    return host_choices()["onednn_macs"] if _ONEDNN is not None else ONEDNN_MACS
+
+
+@functools.cache
+def host_choices() -> dict:
+    """This host's measured kernel and thread choices, kept in the teegpu cache under a lock, made
+    by the first process that asks (in a child, under one fixed OpenMP wait policy). Delete the
+    file to measure again."""
     path, host = threads_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return json.loads(path.read_text())["threaded_macs"]
-        except (OSError, ValueError, KeyError, TypeError):
-            macs = _measure_in_a_child()
-            path.write_text(json.dumps({"host": host, "threaded_macs": macs}))
-            return macs
+            choices = json.loads(path.read_text())
+            if {"threaded_macs", "onednn_macs"} <= choices.keys():
+                return choices
+        except (OSError, ValueError, AttributeError):
+            pass
+        choices = {"host": host, **_measure_in_a_child()}
+        path.write_text(json.dumps(choices))
+        return choices
 
 
 def threads_file() -> tuple[Path, list]:
-    """Where threaded_macs keeps this host's measurement, and what names the host."""
+    """Where host_choices keeps this host's measurements, and what names the host."""
     from teegpu.model.loading import cache_root
 
     host = [_cpu_model(), CORES, torch.__version__, cpu_isa()]
     return cache_root() / f"threads-{hashlib.sha256(json.dumps(host).encode()).hexdigest()[:16]}.json", host
 
 
-def _measure_in_a_child() -> int:
-    """_measure_threaded_macs under one fixed OpenMP wait policy (PASSIVE, the `teegpu` command's),
-    in a child: the answer differs between policies (a sleeping worker is slower to wake), and must
-    not depend on which process measured first. In this process where no child can start."""
+def _measure_in_a_child() -> dict:
+    """_measure_host under one fixed OpenMP wait policy (PASSIVE, the `teegpu` command's), in a
+    child: the answer differs between policies (a sleeping worker is slower to wake), and must not
+    depend on which process measured first. In this process where no child can start."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(CORES))
-    code = "from teegpu.model.products import CORES, _measure_threaded_macs; print(_measure_threaded_macs(CORES))"
+    code = "import json; from teegpu.model.products import CORES, _measure_host; print(json.dumps(_measure_host(CORES)))"
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        return int(done.stdout.split()[-1])
+        return json.loads(done.stdout.splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return _measure_threaded_macs(CORES)
+        return _measure_host(CORES)
 
 
-def _measure_threaded_macs(cores: int) -> int:
-    """0 (every product on every core) where a decode step's one-row products, streamed from memory
-    as a step streams the weights, run at least 1.25x faster on every core than on one (hosts
-    whose cores each draw little memory bandwidth); else THREADED_MACS (waking a sleeping worker
-    costs more than a second core saves on such a product: 40 us on an AMD EPYC)."""
+def _measure_host(cores: int) -> dict:
+    """threaded_macs: 0 (every product on every core) where a decode step's one-row products,
+    streamed from memory as a step streams the weights, run at least 1.25x faster on every core
+    than on one (hosts whose cores each draw little memory bandwidth); else THREADED_MACS (waking
+    a sleeping worker costs more than a second core saves: 40 us on an AMD EPYC). onednn_macs: 0
+    where oneDNN runs those products (one and two rows, on the threads they get) at least
+    ONEDNN_GAIN times faster than torch.mm, else ONEDNN_MACS."""
     weights = [torch.full((1536, 576), 0.5) for _ in range(32)]  # 113 MB: more than a last-level cache
-    x = torch.randn(1, 576)
 
-    def pass_s(threads: int) -> float:
+    def pass_s(threads: int, rows: int, product) -> float:
         torch.set_num_threads(threads)
+        x = torch.randn(rows, 576)
+        product(x, weights[0])
         start = time.perf_counter()
         for w in weights:
-            torch.mm(x, w.t())
+            product(x, w)
         return time.perf_counter() - start
 
+    def best_s(threads: int, rows: int, product) -> float:
+        return min(pass_s(threads, rows, product) for _ in range(5))
+
+    mkl = lambda x, w: torch.mm(x, w.t())  # noqa: E731
     try:
-        pass_s(1), pass_s(cores)
-        one, every = min(pass_s(1) for _ in range(5)), min(pass_s(cores) for _ in range(5))
+        threaded = THREADED_MACS
+        if cores > 1 and best_s(cores, 1, mkl) * 1.25 <= best_s(1, 1, mkl):
+            threaded = 0
+        threads = cores if threaded == 0 else 1
+        onednn = ONEDNN_MACS
+        if _ONEDNN is not None:
+            dnnl = lambda x, w: _ONEDNN(x, w, None, "none", [], "")  # noqa: E731
+            if sum(best_s(threads, r, dnnl) for r in (1, 2)) * ONEDNN_GAIN <= sum(best_s(threads, r, mkl) for r in (1, 2)):
+                onednn = 0
     finally:
         torch.set_num_threads(cores)
-    return 0 if every * 1.25 <= one else THREADED_MACS
+    return {"threaded_macs": threaded, "onednn_macs": onednn}
 
 
 def _cpu_model() -> str:
@@ -215,6 +251,7 @@ class Kernels:
 
     isa: str
     threaded_macs: int  # products this large run on every core (product_threads)
+    onednn_macs: int  # float32 products this large run on oneDNN, smaller ones on torch.mm
     float32_small: str
     float32_large: str
     bfloat16: str
@@ -244,7 +281,8 @@ def kernels() -> Kernels:
     if not int8_gemm_exact():
         runs["int8"] = lambda: digit_products(xi, wi)
         fallback["int8"] = "float32-blocks (int8 GEMM inexact here)"
-    return Kernels(isa=isa, threaded_macs=threaded_macs(), **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
+    return Kernels(isa=isa, threaded_macs=threaded_macs(), onednn_macs=onednn_macs(),
+                   **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
 
 
 _EXEC = re.compile(r"onednn_verbose,[^,]*,?primitive,exec,cpu,(\w+),([^,]*),")

@@ -27,7 +27,7 @@ from teegpu.ring import quantize_linears, ring_fingerprint_of_ranks, ring_matmul
 from teegpu.server import tensor_parallel
 from teegpu.options import DEFAULT_SPIN_MAX_US
 from teegpu.transport import Incoming, ServerCurve, ServerSocket, ShmRegion
-from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, relax
+from teegpu.transport.doorbell import ASLEEP, AWAKE, SOCKET_EVERY, WAITING, CpuWait, relax
 
 MAX_REGIONS = 64  # shared regions mapped at once; the oldest goes first
 MAX_PLANS = 1024  # validated request kinds remembered (all regions together)
@@ -185,7 +185,7 @@ class LinearServer:
         old = self.regions.pop(key, None)
         if old is not None:
             old.close()
-        self.regions[key], self.peers[key] = region, Incoming(msg.envelope, b"", [])
+        self.regions[key], self.peers[key] = region, Incoming(msg.envelope, b"", [], msg.legacy, key)
         self.handled[key] = 0  # a fresh region: its first request will be number 1
         while len(self.regions) > MAX_REGIONS:  # clients that went away without a word
             gone, old = self.regions.popitem(last=False)
@@ -322,13 +322,17 @@ class LinearServer:
 
     def _serve_until(self, sock: ServerSocket, stop: threading.Event, window: "SpinWindow", cpu_wait: CpuWait,
                      poll_ms: int, busy_poll_us: int) -> None:
+        turns = 0  # since the last request: a look at the socket costs a microsecond, so every SOCKET_EVERY turns
         while not stop.is_set():
-            if self._serve_doorbells(sock) or self._serve_socket(sock, 0):
+            if self._serve_doorbells(sock) or (turns % SOCKET_EVERY == 0 and self._serve_socket(sock, 0)):
                 window.busy()
+                turns = 0
             elif window.open() and self.regions and not cpu_wait.contended():
+                turns += 1
                 relax()
             elif self._sleep(sock, poll_ms, busy_poll_us):
                 window.busy()
+                turns = 0
 
     def _sleep(self, sock: ServerSocket, poll_ms: int, busy_poll_us: int) -> bool:
         """Block on the socket until a message or poll_ms; whether something was served."""
@@ -380,16 +384,23 @@ class LinearServer:
                 continue
             served, self.handled[key] = True, seq
             self.requests += 1
+            peer, bell = self.peers[key], region.doorbell
             try:
-                msg = Incoming(self.peers[key].envelope, region.doorbell.request_header(), [])
+                msg = Incoming(peer.envelope, bell.request_header(), [], peer.legacy, key)
             except ProtocolError as e:
-                sock.reply_error(self.peers[key], b"", e.code, str(e))
-                continue
-            reply = self._answer(sock, msg)
-            if reply is None:
-                continue
-            if reply[1] or not region.doorbell.answer(seq, reply[0]):
-                sock.reply(msg, *reply)  # too large for the region, or the client sleeps on its socket
+                sock.reply_error(peer, b"", e.code, str(e))
+                msg = None
+            reply = self._answer(sock, msg) if msg is not None else None
+            if reply is not None and not reply[1]:
+                state = bell.answer(seq, reply[0])
+                if state not in (AWAKE, WAITING):  # it sleeps on its socket: the reply goes there too
+                    sock.reply(msg, *reply)
+            else:  # an error (sent already) or a reply too large for the region: news on the socket
+                if reply is not None:
+                    sock.reply(msg, *reply)
+                state = bell.client_state()
+            if state == WAITING:
+                bell.wake_client()
         return served
 
 

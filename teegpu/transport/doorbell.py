@@ -7,7 +7,8 @@ CONTROL_BYTES of a region (the tensors start after it, at protocol.DATA_START):
     word 0  request sequence   written by the client after the request header (and tensors)
     word 1  reply sequence     written by the server after the reply header
     word 2  server state       AWAKE while the server polls its regions, ASLEEP when it blocks
-    word 3  client state       AWAKE while the client polls for its reply, ASLEEP when it blocks
+    word 3  client state       AWAKE while the client polls for its reply, ASLEEP when it blocks on
+                               its socket, WAITING when it sleeps on the futex of word 1
     REQUEST_AT  u32 length + the request's header bytes
     REPLY_AT    u32 length + the reply's header bytes
 
@@ -27,7 +28,10 @@ lengths are bounded, headers are parsed by protocol.decode_header.
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import os
+import platform
 import struct
 import sys
 import threading
@@ -37,10 +41,13 @@ from teegpu.errors import ProtocolError
 from teegpu.protocol import CONTROL_BYTES, ErrorCode
 
 REQUEST_SEQ, REPLY_SEQ, SERVER_STATE, CLIENT_STATE = range(4)
-ASLEEP, AWAKE = 0, 1
+ASLEEP, AWAKE, WAITING = 0, 1, 2
 REQUEST_AT, REPLY_AT = 64, 2048
 MAX_HEADER = REPLY_AT - REQUEST_AT - 4
 _LEN = struct.Struct("<I")
+# while polling a doorbell, each side looks at its socket (errors, rings, new clients) every this
+# many turns: a look (ZMQ_EVENTS) costs about a microsecond, three turns of the doorbell
+SOCKET_EVERY = 8
 _BARRIER = threading.Lock()
 
 
@@ -73,6 +80,42 @@ def nap(seconds: float) -> None:
             except (OSError, AttributeError):
                 pass
     time.sleep(seconds)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine()) if sys.platform == "linux" else None
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): the word lies in a mapping of two processes
+
+
+@functools.cache
+def _syscall():
+    """libc's syscall(2), or None where futexes are not to be had (not Linux, no libc)."""
+    if _SYS_FUTEX is None:
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syscall  # a foreign call: it releases the GIL while it blocks
+    except (OSError, AttributeError):
+        return None
+    call.restype = ctypes.c_long
+    return call
+
+
+def futex_wait(address: int, expected: int, seconds: float) -> int:
+    """Sleep while the 32-bit word at `address` holds `expected`, until woken or `seconds` pass.
+    0 when woken, else the errno: EAGAIN (the word had changed), EINTR, ETIMEDOUT, or a real error.
+    The compare and the sleep are one step in the kernel, so a wake after the change is never lost."""
+    ts = _Timespec(int(seconds), int(seconds % 1 * 1e9))
+    if _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_uint32(expected),
+                  ctypes.byref(ts), None, 0) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def futex_wake(address: int) -> None:
+    _syscall()(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, 1, None, None, 0)
 
 
 class CpuWait:
@@ -125,6 +168,12 @@ class Doorbell:
         view = memoryview(buffer)
         self.words = view[:32].cast("Q")
         self.bytes = view[:CONTROL_BYTES]
+        # where the reply word lies in this process, for futexes (its low half on little-endian x86)
+        self.reply_address = 0
+        if _syscall() is not None:
+            word = ctypes.c_uint64.from_buffer(buffer, REPLY_SEQ * 8)
+            self.reply_address = ctypes.addressof(word)
+            del word  # the mapping must stay closable: keep the address, not an export of the buffer
 
     def release(self) -> None:
         """Drop the views (the region's mapping cannot close while they exist)."""
@@ -168,6 +217,12 @@ class Doorbell:
         self.words[CLIENT_STATE] = state
         fence()
 
+    def wait_reply(self, seq: int, seconds: float) -> int:
+        """WAITING: sleep until the server wakes us (a reply, or news on the socket) or `seconds`
+        pass; futex_wait's answer (0: woken or replied already)."""
+        now = self.words[REPLY_SEQ]
+        return 0 if now == seq else futex_wait(self.reply_address, now & 0xFFFF_FFFF, seconds)
+
     # -- the server's side --
 
     def pending(self, handled: int) -> int:
@@ -178,13 +233,21 @@ class Doorbell:
     def request_header(self) -> bytes:
         return self._read(REQUEST_AT)
 
-    def answer(self, seq: int, header: bytes) -> bool:
-        """Publish the reply to request `seq`; whether the client is polling for it (else it sleeps
-        on its socket and must be sent the reply there too)."""
+    def answer(self, seq: int, header: bytes) -> int:
+        """Publish the reply to request `seq`; the client's state: AWAKE (it polls), WAITING (wake
+        it: `wake_client`) or ASLEEP (it sleeps on its socket: send it the reply there too)."""
         self._write(REPLY_AT, header)
         self.words[REPLY_SEQ] = seq
         fence()
-        return self.words[CLIENT_STATE] == AWAKE
+        return self.words[CLIENT_STATE]
+
+    def client_state(self) -> int:
+        return self.words[CLIENT_STATE]
+
+    def wake_client(self) -> None:
+        """Wake a WAITING client: its reply, or news on its socket, is there."""
+        if self.reply_address:
+            futex_wake(self.reply_address)
 
     def set_server(self, state: int) -> None:
         self.words[SERVER_STATE] = state

@@ -11,7 +11,9 @@ said once on stderr.
 """
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from teegpu.protocol import (
     encode_header, reply_offsets, shm_offsets, tensor_frame, tensors_from_frames, with_request_id,
 )
 from teegpu.transport.curve import ClientCurve
-from teegpu.transport.doorbell import ASLEEP, AWAKE, CpuWait, nap, relax
+from teegpu.transport.doorbell import ASLEEP, AWAKE, SOCKET_EVERY, WAITING, CpuWait, nap, relax
 from teegpu.transport.endpoint import Endpoint, parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES, ShmRegion
 
@@ -35,10 +37,11 @@ TEXT_REPLY_OPS = (Op.HELLO, Op.ATTACH_SHM, Op.PAD_KEY)  # answered with one UTF-
 NOT_RETRIED = (Op.HELLO, Op.ATTACH_SHM, Op.RING, Op.PAD_KEY)  # part of (re)connecting, not requests to ask again
 TRIES = 3  # a request's deadline is shared by up to this many tries (more when tries fail fast)
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
-MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep on the socket at once
+MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep at once (on the futex, else the socket)
+FUTEX_SLICE_S = 0.02  # a client asleep on the futex looks at its socket (a lost server) at least this often
+FUTEX_MISSES = 3  # waits that ran out with the reply there: wake-ups do not reach us, sleep on the socket
 NAP_STEPS = 32  # after its nap, a long request looks for its reply every this fraction of its recent wait
 MAX_PLANS = 256  # request kinds (and reply layouts) remembered per region
-SOCKET_EVERY = 8  # while polling the doorbell, look at the socket every this many turns
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag enums cost microseconds
 
 
@@ -108,7 +111,8 @@ class RpcClient:
         self.want_doorbell = control_plane == "doorbell"
         self.doorbell = False  # the server polls our region's doorbell (said in its ATTACH_SHM reply)
         self.spin_ns: dict[tuple, float] = {}  # per (op, request bytes): how long to poll for a reply
-        self.cpu_wait = CpuWait()  # on oversubscribed cores: no polling, sleep on the socket
+        self.cpu_wait = CpuWait()  # on oversubscribed cores: no polling, sleep (on the futex, else the socket)
+        self.futex_misses = 0  # futex waits the server's wake-up did not end (FUTEX_MISSES: sockets only)
         self.endpoints = [parse_endpoint(e.strip()) for e in
                           (endpoint.split(",") if isinstance(endpoint, str) else endpoint)]
         self._current = 0
@@ -315,48 +319,99 @@ class RpcClient:
 
     def _ring(self, request: _Request, op: int, deadline: float) -> tuple[str, list, int, int]:
         """A request through the doorbell: post it in the region, wake the server over the socket
-        only if it sleeps, then poll for the reply (and the socket, where errors and replies too
-        large for the region come) for a window adapted to requests of this op and size, then
-        sleep on the socket. A request whose products take over MAX_SPIN_NS / 2 (a large layer on
-        a CPU server, an LM head, a prefill chunk) first naps through three quarters of their recent
-        wait, then looks every NAP_STEPS-th of it: spinning would spend the trusted side's CPU (and
-        a core of the server's threads) for nothing, and a reply by socket costs a wake-up. Those
-        over MAX_NAP_NS / 2 sleep on the socket at once.
-        Returns (path, reply frames, sent ns, reply ready ns)."""
+        only if it sleeps, then look for the reply for a window adapted to requests of this op and
+        size (`_poll`), then sleep: on the futex of the reply word (`_wait`), else on the socket.
+        Requests that took over MAX_NAP_NS / 2, and every request while other processes keep the
+        cores busy (`CpuWait`), sleep at once. Returns (path, reply frames, sent ns, reply ready ns)."""
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
         window = self.spin_ns.get(kind, MIN_SPIN_NS)
         awake = window <= MAX_NAP_NS and not self.cpu_wait.contended()
-        bell.set_client(AWAKE if awake else ASLEEP)
+        sleeper = WAITING if self.futex_misses < FUTEX_MISSES and bell.reply_address else ASLEEP
+        bell.set_client(AWAKE if awake else sleeper)
         seq = bell.post(request.frames[0])
         if not bell.server_awake():
             self._socket.send_multipart([b"", encode_header(Op.RING, request.rid, 0)])
             path = "doorbell-ring"
         sent = time.perf_counter_ns()
-        napping = awake and window > MAX_SPIN_NS
-        if napping:
-            nap(window * 3 / 8 / 1e9)
-        spin_end = time.perf_counter_ns() + (window if napping else min(window, MAX_SPIN_NS)) if awake else sent
-        for look in itertools.count():
-            if bell.replied(seq):
-                return path, [bell.reply_header()], sent, self._learn(kind, sent)
-            if napping or look % SOCKET_EVERY == 0:  # the socket carries only rare news: errors, a lost server
-                message, lost = self._socket_news()
-                if message:
-                    reply = self._read_socket()
-                    if reply and decode_header(reply[0]).request_id == request.rid:
-                        return path, reply, sent, self._learn(kind, sent)
-                if lost or time.perf_counter_ns() > spin_end:
-                    break
-            if napping:
-                nap(window / 2 / NAP_STEPS / 1e9)
-            else:
-                relax()
+        frames = self._poll(bell, seq, request.rid, window) if awake else None
+        if frames is not None:
+            return path, frames, sent, self._learn(kind, sent)
+        if sleeper == WAITING:
+            bell.set_client(WAITING)  # from now on the server wakes us when it answers
+            waited = self._wait(bell, seq, request.rid, deadline)
+            if waited is not None:
+                self._learn(kind, sent)
+                return path + "-waited", waited[0], sent, waited[1]
         bell.set_client(ASLEEP)  # from now on the server sends the reply on the socket as well
         if bell.replied(seq):
             return path, [bell.reply_header()], sent, self._learn(kind, sent)
         frames, ready = self._receive(request.rid, op, deadline)
         self._learn(kind, sent)
         return path + "-slept", frames, sent, ready
+
+    def _poll(self, bell, seq: int, rid: int, window: float) -> list | None:
+        """Look for the reply (and every SOCKET_EVERY looks at the socket, where errors, replies too
+        large for the region and a lost connection come) for `window` ns; its frames, or None.
+        A request whose products take over MAX_SPIN_NS / 2 (a large layer on a CPU server, an LM
+        head, a prefill chunk) first naps through three quarters of its recent wait, then looks
+        every NAP_STEPS-th of it: spinning would spend the trusted side's CPU (and a core of the
+        server's threads) for nothing."""
+        napping = window > MAX_SPIN_NS
+        if napping:
+            nap(window * 3 / 8 / 1e9)
+        spin_end = time.perf_counter_ns() + (window if napping else min(window, MAX_SPIN_NS))
+        for look in itertools.count():
+            if bell.replied(seq):
+                return [bell.reply_header()]
+            if napping or look % SOCKET_EVERY == 0:  # the socket carries only rare news
+                message, lost = self._socket_news()
+                if message:
+                    reply = self._read_socket()
+                    if reply and decode_header(reply[0]).request_id == rid:
+                        return reply
+                if lost or time.perf_counter_ns() > spin_end:
+                    return None
+            if napping:
+                nap(window / 2 / NAP_STEPS / 1e9)
+            else:
+                relax()
+
+    def _wait(self, bell, seq: int, rid: int, deadline: float) -> tuple[list, int] | None:
+        """Sleep on the futex of the reply word (WAITING) until the reply: (its frames, the time it
+        was seen). The server wakes us after it writes the reply, and after it sends us anything on
+        the socket (an error, a reply too large for the region); the socket is looked at after each
+        wake-up and every FUTEX_SLICE_S (a lost server). None when the connection is lost, the
+        deadline passes, or a wake-up finds no news: the caller sleeps on the socket then. A wait that
+        runs out of time with the reply already there means wake-ups do not reach this process
+        (inside an enclave the futex is the LibOS's own): after FUTEX_MISSES, sockets only."""
+        woken = False
+        while True:
+            if bell.replied(seq):
+                return [bell.reply_header()], time.perf_counter_ns()
+            message, lost = self._socket_news()
+            if message:
+                reply = self._read_socket()
+                if reply and decode_header(reply[0]).request_id == rid:
+                    return reply, time.perf_counter_ns()
+                continue
+            left = deadline - time.monotonic()
+            if woken or lost or left <= 0 or self.futex_misses >= FUTEX_MISSES:
+                return None
+            error = bell.wait_reply(seq, min(FUTEX_SLICE_S, left))
+            woken = error == 0
+            if woken and bell.replied(seq):
+                self.futex_misses = 0
+            elif error == errno.ETIMEDOUT and bell.replied(seq):  # the reply came, its wake-up did not
+                self._futex_missed(error, FUTEX_MISSES - 1 - self.futex_misses)
+            elif error not in (0, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):  # no shared futexes here
+                self._futex_missed(error, 0)
+
+    def _futex_missed(self, error: int, left: int) -> None:
+        """One more futex wait that went wrong; with `left` 0, the last: sockets from now on."""
+        self.futex_misses = FUTEX_MISSES - left
+        if not left:
+            print(f"teegpu: the server's futex wake-ups do not reach this process ({os.strerror(error)}); "
+                  "sleeping on the socket instead", file=sys.stderr, flush=True)
 
     def _learn(self, kind: tuple, sent_ns: int) -> int:
         """Adapt the polling window of requests of this kind to twice their recent wait; the time now."""

@@ -29,11 +29,12 @@ class Incoming:
     header: memoryview | bytes
     frames: list
     legacy: bool = False  # no delimiter: a peer of protocol 2, answered in its framing
+    identity: bytes = b""  # the key, where the receiver knows it already (a doorbell's client)
 
     @property
     def key(self) -> bytes:
         """The sender's identity across brokers (length-prefixed routing frames)."""
-        return b"".join(struct.pack("<H", len(f)) + bytes(f) for f in self.envelope)
+        return self.identity or b"".join(struct.pack("<H", len(f)) + bytes(f) for f in self.envelope)
 
 
 def split_envelope(msg: list) -> Incoming | None:
