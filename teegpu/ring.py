@@ -7,18 +7,21 @@ far inside the ring: it never wraps,
 so subtracting the pad's product gives it back exactly. The ring is int64's natural
 two's-complement wrap-around.
 
-Products of padded rows (uniform over all of Z/2^64) are computed exactly with int8
-GEMMs (`torch._int_mm`, int32 accumulation; VNNI/AMX on CPU, tensor cores on cuda):
-each int64 is cut into 8 bytes, each shifted to a signed digit (b - 128), and each
-weight into two signed 8-bit halves (w = 256 hi + lo). A digit times a half summed
-over d_in stays below 128 * 127 * 2^16 < 2^31, so int32 never overflows; the 16
-partial products are recombined mod 2^64 and the shift by 128 is undone with a
-precomputed per-column constant. docs/security.md has the bit budget.
-
-oneDNN's s8 GEMM is exact only where the CPU has VNNI or AMX: without them (an AVX2-only host, or
-ONEDNN_MAX_CPU_ISA=AVX2) it pairs products in saturating int16 and loses bits. `int8_gemm_exact`
-tries it once per process; where it is not exact the digit products run as float32 GEMMs over
-d_in blocks of 1024, whose integer sums stay within 2^24 and so are exact in any order.
+Products of padded rows (uniform over all of Z/2^64) are computed exactly, by one of two kernels
+(`products.ring_kernel`, chosen by the CPU; both give the same integers):
+- "int8": int8 GEMMs (`torch._int_mm`, int32 accumulation; VNNI/AMX on CPU, tensor cores on
+  cuda): each int64 is cut into 8 bytes, each shifted to a signed digit (b - 128), and each
+  weight into two signed 8-bit halves (w = 256 hi + lo). A digit times a half summed over d_in
+  stays below 128 * 127 * 2^16 < 2^31, so int32 never overflows; the 16 partial products are
+  recombined mod 2^64.
+- "float64": float64 GEMMs (every CPU): each int64 cut into 4 16-bit words, each shifted to a
+  signed digit (w - 32768), times the 16-bit weight itself. A digit times a weight summed over
+  d_in stays below 2^15 * 2^15 * 2^16 = 2^46 < 2^53: every partial sum is exact in float64, in
+  any order. A quarter of the int8 kernel's multiply-adds, in float64: used where int8 GEMMs
+  are slow (ATen's own loop on an AVX2-only CPU) or inexact (oneDNN without VNNI saturates in
+  int16). On a GPU the int8 kernel runs (`RingWeight.to` lays a weight out for it).
+The shift of the digits is undone with a precomputed per-column constant. docs/security.md has
+the bit budget.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from typing import Callable
 import torch
 
 from teegpu.errors import ConfigError
+from teegpu.model.products import ring_kernel
 from teegpu.model.weights import column_slice
 
 WEIGHT_MAX = 127 * 256 + 127  # 16-bit weights whose two signed 8-bit halves fit int8
@@ -37,8 +41,9 @@ ACT_MAX = (1 << 15) - 1  # 16-bit activations, symmetric
 TINY = torch.finfo(torch.float32).tiny  # the least scale: an all-zero row quantizes to zeros
 MAX_D_IN = 1 << 16  # of a weight: keeps honest results below 2^46 (and int32 accumulation exact)
 MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
-FLOAT_BLOCK = 1 << 10  # d_in per float32 GEMM where int8 GEMMs are inexact: sums stay within 2^24
+WIDE_BLOCK = 1 << 18  # float64 weight entries converted at a time by the float64 kernel (2 MB: cached)
 _BYTE_SUM = int.from_bytes(b"\x01" * 8, "little")  # sum of 2^(8i), i < 8
+_WORD_SUM = int.from_bytes(b"\x01\x00" * 4, "little")  # sum of 2^(16i), i < 4
 
 
 def _to_int64(v: int) -> int:
@@ -50,26 +55,33 @@ def _to_int64(v: int) -> int:
 # the place value of byte i of an activation times half h of a weight: 2^(8i + 8h) mod 2^64
 _PLACE = torch.tensor([[_to_int64(1 << (8 * i + 8 * h)) for h in range(2)] for i in range(8)],
                       dtype=torch.int64).view(8, 1, 2, 1)
+# the place value of word i of an activation (the float64 kernel): 2^(16i) mod 2^64
+_WORD_PLACE = torch.tensor([_to_int64(1 << (16 * i)) for i in range(4)], dtype=torch.int64).view(4, 1, 1)
 
 
 class RingWeight:
-    """An integer weight (d_out, d_in) laid out for `ring_matmul`: its int8 halves, side by side,
-    2 bytes a parameter and nothing else. Filled a block of rows at a time (`set_rows`), so a
-    large weight never exists as int64 or float all at once."""
+    """An integer weight (d_out, d_in) laid out for `ring_matmul` by its kernel, 2 bytes a parameter
+    and nothing else: "int8", its int8 halves side by side; "float64", itself as int16 (converted
+    a block at a time as it is used). Filled a block of rows at a time (`set_rows`), so a large
+    weight never exists as int64 or float all at once."""
 
-    def __init__(self, d_out: int, d_in: int):
+    def __init__(self, d_out: int, d_in: int, kernel: str | None = None):
         if d_in > MAX_INNER:
             raise ConfigError(f"ring weight of shape {[d_out, d_in]} exceeds the int8-limb budget")
         self.d_out, self.d_in = d_out, d_in
-        self.rows = torch.empty(2 * d_out, d_in, dtype=torch.int8)  # low halves, then high halves
-        self.halves = self.rows.t()  # (d_in, 2 d_out): the GEMM's right operand
+        self.kernel = ring_kernel() if kernel is None else kernel
+        if self.kernel == "int8":
+            self.rows = torch.empty(2 * d_out, d_in, dtype=torch.int8)  # low halves, then high halves
+            self.halves = self.rows.t()  # (d_in, 2 d_out): the GEMM's right operand
+            self.place = _PLACE
+        else:
+            self.rows = torch.empty(d_out, d_in, dtype=torch.int16)
         self.correction = torch.empty(d_out, dtype=torch.int64)
-        self.place = _PLACE
 
     @classmethod
-    def of(cls, q: torch.Tensor) -> "RingWeight":
+    def of(cls, q: torch.Tensor, kernel: str | None = None) -> "RingWeight":
         """A whole integer weight (d_out, d_in) at once."""
-        w = cls(*q.shape)
+        w = cls(*q.shape, kernel)
         w.set_rows(0, q)
         return w
 
@@ -78,19 +90,26 @@ class RingWeight:
         if q.numel() and max(-int(q.min()), int(q.max())) > WEIGHT_MAX:
             raise ConfigError(f"ring weight entries exceed {WEIGHT_MAX}, the int8-limb budget")
         q = q.to(torch.int16)
-        lo = q.to(torch.int8)  # the low byte, as a signed digit: q - lo is a multiple of 256
-        hi = (q - lo) >> 8
         end = start + q.shape[0]
-        self.rows[start:end] = lo
-        self.rows[self.d_out + start:self.d_out + end] = hi
-        # the digits are bytes - 128: add back 128 * sum_i 2^(8i) * (row sum of w), mod 2^64
-        self.correction[start:end] = q.sum(dim=1, dtype=torch.int64) * _to_int64(128 * _BYTE_SUM)  # wraps
+        if self.kernel == "int8":
+            lo = q.to(torch.int8)  # the low byte, as a signed digit: q - lo is a multiple of 256
+            self.rows[start:end] = lo
+            self.rows[self.d_out + start:self.d_out + end] = (q - lo) >> 8
+            shift = 128 * _BYTE_SUM
+        else:
+            self.rows[start:end] = q
+            shift = 32768 * _WORD_SUM
+        # the digits are shifted down (bytes - 128, words - 32768): add back shift * (row sum of w), mod 2^64
+        self.correction[start:end] = q.sum(dim=1, dtype=torch.int64) * _to_int64(shift)  # wraps
 
     def to(self, device) -> "RingWeight":
+        """On a GPU the int8 kernel runs (tensor cores): re-laid out for it first if needed."""
+        if torch.device(device).type != "cpu" and self.kernel != "int8":
+            return RingWeight.of(self.rows, "int8").to(device)
         self.rows = self.rows.to(device)
-        self.halves = self.rows.t()
+        if self.kernel == "int8":
+            self.halves, self.place = self.rows.t(), _PLACE.to(device)
         self.correction = self.correction.to(device)
-        self.place = _PLACE.to(device)
         return self
 
 
@@ -132,7 +151,7 @@ def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None)
     """x (T, d_in) int64, any values, times the weight transposed, mod 2^64: (T, d_out) int64,
     written into `out` when given (on the weight's device), a pass of rows at a time."""
     if out is None:
-        out = torch.empty(x.shape[0], w.d_out, dtype=torch.int64, device=w.halves.device)
+        out = torch.empty(x.shape[0], w.d_out, dtype=torch.int64, device=w.rows.device)
     chunk = max(1, (1 << 22) // (16 * w.d_out))  # rows per pass: int64 partials of at most 32 MB
     for i in range(0, x.shape[0], chunk):
         _ring_rows(x[i:i + chunk], w, out[i:i + chunk])
@@ -140,6 +159,8 @@ def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None)
 
 
 def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
+    if w.kernel != "int8":
+        return _ring_rows_wide(x, w, out)
     t = x.shape[0]
     # byte b of each value as the signed digit b - 128: flipping the top bit and reading it as int8
     digits = (x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1) ^ 0x80).view(torch.int8)
@@ -149,30 +170,25 @@ def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
         digits = digits.to(w.halves.device)
         if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
             digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
-    partial = digit_products(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
+    partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
     torch.sum(partial.mul_(w.place), dim=(0, 2), out=out)
     out += w.correction
 
 
-def digit_products(digits: torch.Tensor, halves: torch.Tensor) -> torch.Tensor:
-    """digits (R, d_in) int8 times halves (d_in, n) int8, exactly, as int32 (R, n)."""
-    if halves.is_cuda or int8_gemm_exact():
-        return torch._int_mm(digits, halves)
-    out = torch.zeros(digits.shape[0], halves.shape[1], dtype=torch.int32)
-    for k in range(0, digits.shape[1], FLOAT_BLOCK):
-        block = torch.mm(digits[:, k:k + FLOAT_BLOCK].float(), halves[k:k + FLOAT_BLOCK].float())
-        out += block.to(torch.int32)
-    return out
-
-
-@functools.cache
-def int8_gemm_exact() -> bool:
-    """Whether this process's int8 GEMM (torch._int_mm on the CPU) gives exact int32 sums: tried
-    once on full-range random digits, against a float64 product (exact at this size)."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (32, 512), dtype=torch.int8, generator=g)
-    b = torch.randint(-128, 128, (512, 64), dtype=torch.int8, generator=g)
-    return torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())
+def _ring_rows_wide(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
+    """The float64 kernel: 16-bit word i of each value as the signed digit word - 32768, times
+    the weight converted to float64 a block of its rows at a time (2 bytes a parameter held)."""
+    t = x.shape[0]
+    digits = (x.contiguous().view(torch.int16).view(t, -1, 4).permute(2, 0, 1) ^ -32768).reshape(4 * t, -1)
+    digits = digits.to(torch.float64)
+    partial = torch.empty(4 * t, w.d_out, dtype=torch.float64)
+    step = max(1, WIDE_BLOCK // w.d_in)
+    block = torch.empty(min(step, w.d_out), w.d_in, dtype=torch.float64)
+    for i in range(0, w.d_out, step):
+        rows = block[:min(step, w.d_out - i)].copy_(w.rows[i:i + step])
+        torch.mm(digits, rows.t(), out=partial[:, i:i + step])
+    torch.sum(partial.to(torch.int64).view(4, t, w.d_out).mul_(_WORD_PLACE), dim=0, out=out)
+    out += w.correction
 
 
 def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:

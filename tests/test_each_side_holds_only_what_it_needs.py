@@ -3,7 +3,8 @@ what keeps the trusted side inside an enclave; `python -m bench seed` reports th
 
 The tensors an object holds are counted by walking its attributes (teegpu objects, lists,
 tuples, dicts): the plain trusted side holds no linear weight; the otp trusted side and the otp
-server hold each linear weight only as int8 halves (2 bytes a parameter); a plain server holds
+server hold each linear weight only as a ring weight (int8 halves, or int16 where the float64
+ring kernel runs: 2 bytes a parameter either way); a plain server holds
 each weight once, in its served dtype (bfloat16 ones packed for oneDNN: an opaque tensor whose
 storage torch does not show, counted by its elements).
 """
@@ -14,6 +15,7 @@ import torch
 
 from teegpu.config import ServerConfig
 from teegpu.model.loading import load_weights
+from teegpu.model.products import packs_bfloat16
 from teegpu.server_process import ServerProcess
 from teegpu.transport import private_endpoint
 from teegpu.protocol import WIRE_DTYPES
@@ -71,15 +73,16 @@ def test_plain_trusted_side_holds_no_linear_weight(tiny_model_dir, tiny_weights)
     assert rest < 0.02 * linear_params(tiny_weights) * 4  # norms and rotary tables only
 
 
-def test_otp_trusted_side_holds_int8_halves_and_pads(tiny_model_dir, tiny_weights):
+def test_otp_trusted_side_holds_the_ring_weights_and_pads(tiny_model_dir, tiny_weights):
     rows = 8
     with Engine.open(EngineConfig(model=str(tiny_model_dir), privacy="otp", mask_pool_rows=rows,
                                   data_plane="socket")) as engine:
         held = [t for t in tensors_held(engine) if t.data_ptr() != engine.trusted.embed.data_ptr()]
         pool = engine.linears.pool
-    int8 = sum(nbytes(t) for t in held if t.dtype == torch.int8)
-    assert int8 == 2 * linear_params(tiny_weights)  # each linear weight, once, as two int8 halves
-    assert not [t.shape for t in held if t.dtype != torch.int8 and tuple(t.shape) in linear_shapes(tiny_weights)]
+    ring = [t for t in held if t.dtype in (torch.int8, torch.int16)]  # int8 halves, or int16 (ring_kernel)
+    assert sum(nbytes(t) for t in ring) == 2 * linear_params(tiny_weights)  # each linear weight, once
+    assert not [t.shape for t in held if t.dtype not in (torch.int8, torch.int16)
+                and tuple(t.shape) in linear_shapes(tiny_weights)]
     pads = sum(rows * sum(tiny_weights.shape(op)) * 8 for op, _ in tiny_weights.served_keys())
     assert pool_bytes(pool) <= pads  # pads made per weight, a pool's worth, not for the whole run
 
@@ -91,7 +94,7 @@ def pool_bytes(pool) -> int:
 
 
 def test_otp_trusted_side_with_a_pad_server_holds_no_ring_weights(tiny_model_dir, tiny_weights):
-    """The pad server multiplies the pads: no int8 halves here, only W^T s for --verify."""
+    """The pad server multiplies the pads: no ring weights here, only W^T s for --verify."""
     rows = 8
     with ServerProcess(ServerConfig(model=str(tiny_model_dir), endpoint=private_endpoint(), privacy="otp")) as pad:
         config = EngineConfig(model=str(tiny_model_dir), privacy="otp", mask_pool_rows=rows, verify=True,
@@ -104,7 +107,7 @@ def test_otp_trusted_side_with_a_pad_server_holds_no_ring_weights(tiny_model_dir
             assert pool.stats.server_rows > 0
             pool_worth = sum(rows * sum(tiny_weights.shape(op)) * 8 for op, _ in tiny_weights.served_keys())
             assert pool_bytes(pool) <= 2 * pool_worth  # a partly taken batch is held whole until its last row goes
-    assert not [t for t in held if t.dtype == torch.int8]
+    assert not [t for t in held if t.dtype in (torch.int8, torch.int16)]
     vectors = engine.linears.ring_verifier.ws
     assert sum(nbytes(t) for t in vectors.values()) < 0.01 * linear_params(tiny_weights) * 2
 
@@ -114,11 +117,12 @@ def test_server_holds_each_weight_once_in_its_served_form(tiny_weights, privacy,
     server = LinearServer(tiny_weights, torch.device("cpu"), WIRE_DTYPES[dtype], privacy=privacy)
     weights = [t for t in tensors_held(server) if t.numel() > 16]  # (not ring.py's 16 place values)
     if privacy == "otp":
-        assert {t.dtype for t in weights} <= {torch.int8, torch.int64}
-        assert sum(nbytes(t) for t in weights if t.dtype == torch.int8) == 2 * linear_params(tiny_weights)
+        ring = {torch.int8, torch.int16}  # int8 halves, or int16 (products.ring_kernel)
+        assert {t.dtype for t in weights} <= ring | {torch.int64}
+        assert sum(nbytes(t) for t in weights if t.dtype in ring) == 2 * linear_params(tiny_weights)
         corrections = sum(8 * tiny_weights.shape(op)[0] for op, _ in tiny_weights.served_keys())  # one per row
         assert sum(nbytes(t) for t in weights if t.dtype == torch.int64) == corrections
     else:
         assert {t.dtype for t in weights} == {WIRE_DTYPES[dtype]}
         assert sum(nbytes(t) for t in weights) == linear_params(tiny_weights) * WIRE_DTYPES[dtype].itemsize
-        assert all(t.is_mkldnn == (dtype == "bfloat16" and torch.backends.mkldnn.is_available()) for t in weights)
+        assert all(t.is_mkldnn == (dtype == "bfloat16" and packs_bfloat16()) for t in weights)  # not on AVX2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import connect_engine
-from teegpu import ring
+from teegpu.model.products import int8_gemm_exact
 from teegpu.protocol import Op
 from teegpu.ring import WEIGHT_MAX, RingWeight, quantize_rows, quantize_weights, ring_dot, ring_matmul
 from teegpu.tee.mask_pool import random_ring
@@ -14,19 +14,20 @@ def as_ring(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-@pytest.mark.parametrize("digits_on", ["host-choice", "float32-blocks"])
-def test_ring_matmul_and_dot_equal_python_integers(digits_on, smollm2, monkeypatch):
-    """On the int8 GEMM where it is exact, and on the float32 blocks hosts without VNNI use."""
-    if digits_on == "float32-blocks":
-        monkeypatch.setattr(ring, "int8_gemm_exact", lambda: False)
+@pytest.mark.parametrize("kernel", ["int8", "float64"])
+def test_ring_matmul_and_dot_equal_python_integers(kernel, smollm2):
+    """On both ring kernels, whichever this host would choose: int8 GEMMs where they are not
+    exact here (an AVX2-only CPU, or under its cap) must not be chosen (test_kernel_choice...)."""
+    if kernel == "int8" and not int8_gemm_exact():
+        pytest.skip("this process's int8 GEMM is not exact (no VNNI): the float64 kernel runs here")
     weights, _ = smollm2
     q, _ = quantize_weights(weights.for_op(Op.DOWN, 3))  # a real (576, 1536) weight
-    q[575], q[1] = WEIGHT_MAX, -WEIGHT_MAX  # the largest digit sums: past float32's 2^24 unless blocked
+    q[575], q[1] = WEIGHT_MAX, -WEIGHT_MAX  # the largest digit sums
     x = random_ring((3, q.shape[1]))
     x[0, :4] = torch.tensor([-(1 << 63), (1 << 63) - 1, -1, 0])  # the ring's edges
     x[2] = -1  # every byte 0xff: every digit 127 (and one 0: an odd sum)
     x[2, 7] = 0
-    got = ring_matmul(x, RingWeight.of(q))
+    got = ring_matmul(x, RingWeight.of(q, kernel))
     qi, xi = q.tolist(), x.tolist()
     for row in range(3):
         for col in (0, 1, 287, 575):
@@ -74,3 +75,16 @@ def test_privacy_mode_mismatch_is_refused(smollm2, smollm2_servers, client, serv
     weights, tok = smollm2
     with pytest.raises(HandshakeError, match=f"--privacy {client}"):
         Engine.connect(weights, tok, smollm2_servers("ipc", privacy=server), privacy=client).close()
+
+
+def test_a_weight_moved_off_the_cpu_is_laid_out_for_the_int8_kernel(smollm2):
+    """A GPU multiplies int8 digits whichever kernel this CPU chose: the int16 layout becomes the
+    int8 halves on the way (meta stands for a GPU here: same path, no memory)."""
+    weights, _ = smollm2
+    q, _ = quantize_weights(weights.for_op(Op.O, 2))
+    wide, halves = RingWeight.of(q, "float64"), RingWeight.of(q, "int8")
+    moved = wide.to("meta")
+    assert moved.kernel == "int8" and moved.rows.shape == halves.rows.shape and moved.rows.is_meta
+    assert torch.equal(RingWeight.of(q, "float64").to("cpu").rows, wide.rows)  # the CPU keeps its kernel
+    relaid = RingWeight.of(wide.rows, "int8")  # what .to does before the copy
+    assert torch.equal(relaid.rows, halves.rows) and torch.equal(relaid.correction, halves.correction)

@@ -12,8 +12,10 @@ in-process engine's bit for bit (docs/fidelity.md).
   can (AVX512-BF16 / AMX, or AVX-512 emulation); elsewhere (an AVX2-only host, or
   ONEDNN_MAX_CPU_ISA=AVX2) as it is, through torch.mm.
 - float16: torch.mm (oneDNN with AVX512-FP16 / AMX-FP16, ATen's kernel elsewhere).
-- int8 (the otp mode's digit products, teegpu.ring): torch._int_mm, oneDNN's s8 GEMM on VNNI or
-  AMX tiles; without them (AVX2 only) it saturates in int16, so exact float32 blocks stand in.
+- the otp mode's exact ring products (teegpu.ring, `ring_kernel`): int8 GEMMs on byte digits
+  (torch._int_mm: oneDNN's s8 GEMM on VNNI or AMX tiles) where the host has them; elsewhere
+  float64 GEMMs on 16-bit digits. Without VNNI, oneDNN's s8 GEMM saturates in int16, and on an
+  AVX2-only CPU torch._int_mm is ATen's own loop, 50 times slower than the float64 GEMMs.
 `kernels()` reports the ISA and the implementation each product ran on (oneDNN's own words).
 
 Threads: a product's thread count is part of its result (MKL sums a few-row float32 product in
@@ -41,7 +43,6 @@ from pathlib import Path
 import torch
 
 from teegpu.options import THREADED_MACS, threads_for
-from teegpu.ring import digit_products, int8_gemm_exact
 
 # the threads torch starts with (OMP_NUM_THREADS, or the host's cores), read at import before
 # anything in this process changes them: every process sizes its product threads from this
@@ -129,6 +130,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         y = _ONEDNN(x.contiguous(), weight, None, "none", [], "")
         return y if out is None else out.copy_(y)
     return torch.mm(x, weight.t(), out=out)
+
+
+@functools.cache
+def ring_kernel() -> str:
+    """How this host computes the otp mode's exact products in Z/2^64 (teegpu.ring): "int8" (byte
+    digits times weight halves, torch._int_mm) where oneDNN runs it on VNNI or AMX and it is
+    exact, else "float64" (16-bit digits times 16-bit weights: exact sums below 2^53). Both are
+    exact, so the choice changes no result, only the speed."""
+    vnni = ISA_LEVELS.index(cpu_isa()) >= ISA_LEVELS.index("avx512_core_vnni")
+    return "int8" if vnni and int8_gemm_exact() else "float64"
+
+
+@functools.cache
+def int8_gemm_exact() -> bool:
+    """Whether this process's int8 GEMM (torch._int_mm on the CPU) gives exact int32 sums: tried
+    once on full-range random digits, against a float64 product (exact at this size)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 512), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (512, 64), dtype=torch.int8, generator=g)
+    return torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())
 
 
 @functools.cache
@@ -256,7 +277,7 @@ class Kernels:
     float32_large: str
     bfloat16: str
     float16: str
-    int8: str
+    int8: str  # the otp mode's ring products (ring_kernel): int8 GEMMs, or float64 ones where those are slow
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -274,13 +295,14 @@ def kernels() -> Kernels:
     big = torch.randn(ONEDNN_MACS // (8 * 64), 64)
     xb, wb = x.bfloat16(), pack(w.bfloat16())
     xi, wi = torch.ones(32, 64, dtype=torch.int8), torch.ones(64, 64, dtype=torch.int8)
+    xd, wd = torch.ones(32, 64, dtype=torch.float64), torch.ones(64, 64, dtype=torch.float64)
     runs = {"float32_small": lambda: linear(x, w), "float32_large": lambda: linear(x, big),
             "bfloat16": lambda: linear(xb, wb), "float16": lambda: linear(x.half(), w.half()),
             "int8": lambda: torch._int_mm(xi, wi)}
     fallback = {"float32_small": "torch.mm:mkl" if torch.backends.mkl.is_available() else "torch.mm"}
-    if not int8_gemm_exact():
-        runs["int8"] = lambda: digit_products(xi, wi)
-        fallback["int8"] = "float32-blocks (int8 GEMM inexact here)"
+    if ring_kernel() == "float64":
+        runs["int8"] = lambda: torch.mm(xd, wd)
+        fallback["int8"] = "float64-words:mkl" if torch.backends.mkl.is_available() else "float64-words"
     return Kernels(isa=isa, threaded_macs=threaded_macs(), onednn_macs=onednn_macs(),
                    **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
 

@@ -70,9 +70,9 @@ class LinearServer:
         self.row_digests: dict = {}  # otp on a tensor-parallel rank: for rank 0's ring fingerprint
         self.weights: dict = {}  # (op, layer) -> weight tensor, or RingWeight in otp mode
         self.weight_bytes = 0  # what this process holds of the weights
-        if privacy == "otp":  # exact products in Z/2^64: int8 GEMMs on byte digits and weight halves
+        if privacy == "otp":  # exact products in Z/2^64 (ring.py: int8 or float64 GEMMs on digits)
             dtype = torch.int64
-            quantized = quantize_linears(weights, part=part)  # weight by weight: only the int8 halves stay
+            quantized = quantize_linears(weights, part=part)  # weight by weight: only the ring weights stay
             self.ring_fingerprint = quantized.fingerprint or None
             self.row_digests = quantized.row_digests
             self.weights = {key: w.to(device) for key, w in quantized.weights.items()}
