@@ -28,7 +28,6 @@ lengths are bounded, headers are parsed by protocol.decode_header.
 from __future__ import annotations
 
 import ctypes
-import errno
 import functools
 import os
 import platform

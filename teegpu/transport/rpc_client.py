@@ -402,14 +402,14 @@ class RpcClient:
             if woken and bell.replied(seq):
                 self.futex_misses = 0
             elif error == errno.ETIMEDOUT and bell.replied(seq):  # the reply came, its wake-up did not
-                self._futex_missed(error, FUTEX_MISSES - 1 - self.futex_misses)
+                self._futex_missed(error, self.futex_misses + 1)
             elif error not in (0, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):  # no shared futexes here
-                self._futex_missed(error, 0)
+                self._futex_missed(error, FUTEX_MISSES)
 
-    def _futex_missed(self, error: int, left: int) -> None:
-        """One more futex wait that went wrong; with `left` 0, the last: sockets from now on."""
-        self.futex_misses = FUTEX_MISSES - left
-        if not left:
+    def _futex_missed(self, error: int, misses: int) -> None:
+        """Futex waits that went wrong, now `misses`; at FUTEX_MISSES, sockets from now on (said once)."""
+        self.futex_misses = misses
+        if misses >= FUTEX_MISSES:
             print(f"teegpu: the server's futex wake-ups do not reach this process ({os.strerror(error)}); "
                   "sleeping on the socket instead", file=sys.stderr, flush=True)
 
