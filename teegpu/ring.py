@@ -154,7 +154,8 @@ def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None)
     written into `out` when given (on the weight's device), a pass of rows at a time."""
     if out is None:
         out = torch.empty(x.shape[0], w.d_out, dtype=torch.int64, device=w.rows.device)
-    chunk = max(1, (1 << 22) // (16 * w.d_out))  # rows per pass: int64 partials of at most 32 MB
+    # rows per pass: partial sums of at most 32 MB (int8: 16 int64 a value) or 8 MB (float64: 4, kept by the thread)
+    chunk = max(1, (1 << 22) // (16 * w.d_out))
     for i in range(0, x.shape[0], chunk):
         _ring_rows(x[i:i + chunk], w, out[i:i + chunk])
     return out
@@ -183,27 +184,30 @@ def _ring_rows_wide(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
     t = x.shape[0]
     digits = (x.contiguous().view(torch.int16).view(t, -1, 4).permute(2, 0, 1) ^ -32768).reshape(4 * t, -1)
     digits = digits.to(torch.float64)
-    partial = torch.empty(4 * t, w.d_out, dtype=torch.float64)
     step = max(1, WIDE_BLOCK // w.d_in)
-    block = _wide_block().view(-1)[:min(step, w.d_out) * w.d_in].view(-1, w.d_in)
+    block = _wide_scratch("block", min(step, w.d_out) * w.d_in).view(-1, w.d_in)
+    partial = _wide_scratch("partial", 4 * t * w.d_out).view(4 * t, w.d_out)
     for i in range(0, w.d_out, step):
         rows = block[:min(step, w.d_out - i)].copy_(w.rows[i:i + step])
         torch.mm(digits, rows.t(), out=partial[:, i:i + step])
-    torch.sum(partial.to(torch.int64).view(4, t, w.d_out).mul_(_WORD_PLACE), dim=0, out=out)
+    ints = partial.view(torch.int64).copy_(partial)  # in place: each sum read before its bits are written
+    torch.sum(ints.view(4, t, w.d_out).mul_(_WORD_PLACE), dim=0, out=out)
     out += w.correction
 
 
 _scratch = threading.local()
 
 
-def _wide_block() -> torch.Tensor:
-    """This thread's float64 block of WIDE_BLOCK entries, kept for the thread's life: a fresh 2 MB
-    tensor is a fresh mapping (the mmap threshold is fixed at 1 MB: tensor_files), and its page
-    faults took as long as the product of one row (275 against 130 ms a SmolLM2 pass)."""
-    block = getattr(_scratch, "wide_block", None)
-    if block is None:
-        block = _scratch.wide_block = torch.empty(WIDE_BLOCK, dtype=torch.float64)
-    return block
+def _wide_scratch(name: str, numel: int) -> torch.Tensor:
+    """This thread's float64 buffer `name` of at least WIDE_BLOCK entries (more if asked), kept for
+    the thread's life: a fresh buffer of 1 MB or more is a fresh mapping (the mmap threshold is
+    fixed at 1 MB: tensor_files), and its page faults took as long as the product of one row (275
+    against 130 ms a SmolLM2 pass)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, WIDE_BLOCK), dtype=torch.float64)
+        setattr(_scratch, name, buf)
+    return buf[:numel]
 
 
 def ring_dot(a: torch.Tensor, s: torch.Tensor, chunk: int = 64) -> torch.Tensor:
