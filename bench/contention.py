@@ -21,7 +21,8 @@ import torch
 
 from bench.suite import CORES, TEXT, engine_run
 from teegpu.config import ServerConfig
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine, trusted_threads
@@ -52,7 +53,7 @@ class BusyCore:
 
 def measure(model, dtype: str, tokens: int, repeats: int) -> dict:
     weights, tok = load_weights(model), load_tokenizer(model)
-    ids = tok(TEXT.read_text())["input_ids"][:16]
+    ids = tok.encode(TEXT.read_text())[:16]
     local = Engine(weights, tok, LocalLinears(weights, WIRE_DTYPES[dtype]), dtype=WIRE_DTYPES[dtype])
     server = ServerProcess(ServerConfig(model=model, endpoint=private_endpoint(), dtype=dtype))
     try:

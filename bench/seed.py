@@ -27,7 +27,8 @@ import torch
 
 from bench import monolithic_env
 from teegpu.config import EngineConfig, ShapedModelConfig
-from teegpu.model.loading import cache_root, load_tokenizer, load_weights
+from teegpu.model.loading import cache_root, load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.options import rpcs_per_forward
 from teegpu.telemetry.memory import peak_rss
 
@@ -49,7 +50,7 @@ def shaped_model(shape: str, seed: int) -> Path:
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    ids = tokenizer(TEXT.read_text())["input_ids"]
+    ids = tokenizer.encode(TEXT.read_text())
     return (ids * (n // len(ids) + 1))[:n]
 
 

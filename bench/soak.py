@@ -22,7 +22,8 @@ import time
 import psutil
 
 from teegpu.config import GenerationConfig, ServerConfig
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
 

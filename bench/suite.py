@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from bench import monolithic_env
 
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.model.reference import transformers_model
 from teegpu.options import OPENMP_WAIT_POLICY, rpcs_per_forward
 from teegpu.protocol import WIRE_DTYPES, Op
@@ -305,7 +306,7 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
             planes=("tcp", "ipc", "shm", "doorbell"), transfer_mb: float = 10.0, progress: bool = True,
             privacy: bool = True) -> dict:
     tok = load_tokenizer(model)
-    ids = tok(TEXT.read_text())["input_ids"]
+    ids = tok.encode(TEXT.read_text())
     prefill = list(prefill)
     if max(prefill) > len(ids):
         raise SystemExit(f"the sample text has {len(ids)} tokens, fewer than a prefill of {max(prefill)}")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights, resolve_model_path
+from teegpu.model.tokenizer import load_tokenizer, transformers_tokenizer
 from teegpu.model.reference import transformers_model, with_parameters_in
 from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess
@@ -100,10 +102,17 @@ def _hf_greedy(model, ids: list[int], steps: int) -> tuple[list[int], torch.Tens
     return seq[len(ids):], logits
 
 
-def save_tiny_llama(path, tokenizer, seed: int, **overrides):
-    """A random tiny LLaMA in Hugging Face format, with the real tokenizer beside it."""
+@functools.cache
+def hf_tokenizer():
+    """transformers' SmolLM2 tokenizer: what a Hugging Face directory holds."""
+    return transformers_tokenizer(resolve_model_path(None))
+
+
+def save_tiny_llama(path, seed: int, **overrides):
+    """A random tiny LLaMA in Hugging Face format, with the real tokenizer (transformers' files) beside it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    tokenizer = hf_tokenizer()
     torch.manual_seed(seed)
     cfg = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -131,9 +140,9 @@ def openai_api():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2):
+def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama(path, smollm2[1], seed=1)
+    save_tiny_llama(path, seed=1)
     return path
 
 

@@ -12,7 +12,8 @@ import torch
 
 from teegpu.errors import ServerUnavailable
 from teegpu.options import rpcs_per_forward
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.protocol import Op, tensor_frame
 from teegpu.config import ServerConfig
 from teegpu.server_process import ServerProcess

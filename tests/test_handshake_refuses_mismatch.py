@@ -8,8 +8,8 @@ from teegpu.options import rpcs_per_forward
 from teegpu.tee.engine import Engine
 
 
-def test_fingerprint_mismatch_is_refused(tiny_server, tmp_path, smollm2):
-    save_tiny_llama(tmp_path, smollm2[1], seed=2)  # same shapes as the served model, other weights
+def test_fingerprint_mismatch_is_refused(tiny_server, tmp_path):
+    save_tiny_llama(tmp_path, seed=2)  # same shapes as the served model, other weights
     with pytest.raises(HandshakeError, match="fingerprint"):
         Engine.open(EngineConfig(model=str(tmp_path), server=tiny_server.endpoint, timeout_ms=5_000))
 

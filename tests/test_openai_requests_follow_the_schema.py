@@ -102,7 +102,7 @@ def test_each_field_is_served_or_refused_as_documented(openai_api, kind, field):
 @pytest.fixture(scope="module")
 def ids(smollm2):
     tok = smollm2[1]
-    return [tok("One, two,")["input_ids"], tok("Red, green,")["input_ids"]]
+    return [tok.encode("One, two,"), tok.encode("Red, green,")]
 
 
 def prompt_forms(ids) -> dict:
@@ -178,7 +178,7 @@ def test_echo_gives_the_prompt_and_its_logprobs(openai_api, ids):
 
 def test_logit_bias_forces_and_an_end_token_counts(openai_api, smollm2):
     tok = smollm2[1]
-    forced = tok("banana")["input_ids"][0]
+    forced = tok.encode("banana")[0]
     got = post(openai_api, "completions", {**BASE["completions"], "logit_bias": {str(forced): 100}, "logprobs": 0,
                                            "max_tokens": 4})[0].json()["choices"][0]
     assert got["logprobs"]["tokens"] == [tok.decode([forced])] * 4

@@ -22,7 +22,7 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
 
 def test_otp_predictions_match_float32_on_128_positions(smollm2, smollm2_servers):
     weights, tok = smollm2
-    ids = tok(TEXT.read_text())["input_ids"][:128]
+    ids = tok.encode(TEXT.read_text())[:128]
     reference = Engine(weights, tok, LocalLinears(weights))
     engine = connect_engine(weights, tok, smollm2_servers, "shm", privacy="otp", mask_pool_rows=8)
     ref = reference.forward(ids, 0, reference.new_cache(len(ids)), all_logits=True)

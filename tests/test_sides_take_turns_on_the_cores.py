@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.model.products import product_threads, threaded_macs
 from teegpu.options import THREADED_MACS
 from teegpu.protocol import Op, encode_header, tensor_frame

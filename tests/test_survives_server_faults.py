@@ -10,7 +10,8 @@ import zmq
 
 from conftest import save_tiny_llama
 from teegpu.config import GenerationConfig, ServerConfig
-from teegpu.model.loading import load_tokenizer, load_weights
+from teegpu.model.loading import load_weights
+from teegpu.model.tokenizer import load_tokenizer
 from teegpu.server_process import ServerProcess
 from teegpu.tee.engine import Engine
 
@@ -75,9 +76,9 @@ def test_server_killed_and_restarted_mid_generation(tiny, undisturbed, data_plan
             s.stop()
 
 
-def test_pool_fails_over_and_refuses_a_server_with_other_weights(tiny, undisturbed, tmp_path, smollm2):
+def test_pool_fails_over_and_refuses_a_server_with_other_weights(tiny, undisturbed, tmp_path):
     model_dir, weights, tok = tiny
-    save_tiny_llama(tmp_path, smollm2[1], seed=2)  # same shapes, other weights
+    save_tiny_llama(tmp_path, seed=2)  # same shapes, other weights
     first, other, second = start(model_dir, free_tcp()), start(tmp_path, free_tcp()), start(model_dir, free_tcp())
     pool = ",".join(s.endpoint for s in (first, other, second))
     try:

@@ -8,6 +8,7 @@ tokenizer) under the cache directory, keyed by the file's SHA-256, so later star
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -68,6 +69,13 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """Of the file's bytes; remembered per (path, size, mtime) in this process (it names its cache)."""
+    st = path.stat()
+    return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -144,12 +152,12 @@ def _build_cache(path: Path, folder: Path) -> ModelWeights:
     config, shards = read_gguf(path)
     names = []
     for shard, tensors in shards:
-        _atomic_write(folder / shard, lambda p: save_file(tensors, p))
+        atomic_write(folder / shard, lambda p: save_file(tensors, p))
         names.append(shard)
     weights = ModelWeights.from_files(config, _shard_tensors(folder, names))
     meta = {"cache_version": CACHE_VERSION, "source": str(path), "config": config.to_dict(),
             "fingerprint": weights.fingerprint, "shards": names}
-    _atomic_write(folder / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(folder / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return weights
 
 
@@ -157,7 +165,7 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / file_sha256(path)[:24]
 
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write through a temporary name and rename, so racing processes never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".")
     os.close(fd)
@@ -325,24 +333,3 @@ def gguf_config(reader, path: Path) -> ModelConfig:
             factor=float(field("llama.rope.scaling.factor", 1.0)),
         ),
     )
-
-
-def load_tokenizer(model: str | os.PathLike | None):
-    """The trusted side's tokenizer (with the model's chat template)."""
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(model)
-    try:
-        if path.is_dir():
-            return AutoTokenizer.from_pretrained(path)
-        folder = gguf_cache_dir(path) / "tokenizer"
-        if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder)
-        log("first load: converting the GGUF tokenizer (cached for next time)")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        tok.save_pretrained(folder)
-        return tok
-    except ModelLoadError:
-        raise
-    except Exception as e:  # transformers raises many types for missing/broken files
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e

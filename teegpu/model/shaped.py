@@ -27,7 +27,8 @@ from teegpu.config import ShapedModelConfig
 from teegpu.errors import ConfigError
 from teegpu.model.config import ModelConfig
 from teegpu.model.llama import rope_inv_freq
-from teegpu.model.loading import GGUF_LAYER_NAMES, HF_LAYER_NAMES, default_model_path, load_tokenizer, permute_for_gguf
+from teegpu.model.loading import GGUF_LAYER_NAMES, HF_LAYER_NAMES, default_model_path, permute_for_gguf
+from teegpu.model.tokenizer import transformers_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -116,7 +117,7 @@ def write_hf(out: Path, hf: dict, shards) -> None:
 
 def padded_tokenizer(vocab_size: int, out: Path) -> None:
     """SmolLM2's tokenizer saved into `out`, its BPE vocabulary padded to `vocab_size` ids."""
-    tokenizer = load_tokenizer(None)
+    tokenizer = transformers_tokenizer(default_model_path())
     if vocab_size < len(tokenizer):
         raise ConfigError(f"vocabulary {vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     tokenizer.save_pretrained(out)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -17,7 +16,8 @@ from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, Serve
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
 from teegpu.model.products import kernels
-from teegpu.model.loading import load_tokenizer, load_weights, resolve_model_path, verify_model_sha256
+from teegpu.model.loading import load_weights, resolve_model_path, verify_model_sha256
+from teegpu.model.tokenizer import ChatTokenizer, load_tokenizer
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
@@ -57,8 +57,8 @@ class GenerationResult:
 class Engine:
     """Runs generation on the trusted side; see `Engine.open` for the usual way in."""
 
-    def __init__(self, weights: ModelWeights, tokenizer, linears: Linears, *, dtype: torch.dtype = torch.float32,
-                 offload_attention: bool = False, stop_ids: set[int] | None = None,
+    def __init__(self, weights: ModelWeights, tokenizer: ChatTokenizer, linears: Linears, *,
+                 dtype: torch.dtype = torch.float32, offload_attention: bool = False, stop_ids: set[int] | None = None,
                  client: RpcClient | None = None, server_process: ServerProcess | None = None):
         self.config = weights.config
         self.dtype = dtype
@@ -71,7 +71,7 @@ class Engine:
         self.client = client
         self.server_process = server_process
         self.hello: Hello | None = None
-        eos = getattr(tokenizer, "eos_token_id", None)
+        eos = tokenizer.eos_token_id
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
         self.threads: int | None = None  # torch threads of steps of THREADED_ROWS rows or more (set by open
@@ -80,7 +80,6 @@ class Engine:
         self.rope_freq_factors = weights.read("rope_freq_factors") if weights.has("rope_freq_factors") else None
         self.rope = RopeTables(torch.empty(0), torch.empty(0))  # grown by new_cache as positions are needed
         self._token_text: dict[int, str] = {}
-        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
 
     @classmethod
     def open(cls, config: EngineConfig, warm_up: bool = False) -> "Engine":
@@ -253,19 +252,15 @@ class Engine:
             ids = list(prompt)
         elif chat or isinstance(prompt, list):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            with self._tokenizer_lock:
-                ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                              return_dict=True)["input_ids"])
+            ids = self.tokenizer.encode_chat(messages)
         else:
-            with self._tokenizer_lock:
-                ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ConfigError("the prompt is empty")
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text_stream(self, stop: tuple[str, ...] = ()) -> TextStream:
         return TextStream(self.decode, stop)
@@ -273,8 +268,7 @@ class Engine:
     def token_text(self, token: int) -> str:
         """One token's text (memoised: logprobs ask for the same ones again and again)."""
         if token not in self._token_text:
-            with self._tokenizer_lock:
-                self._token_text[token] = self.tokenizer.decode([token])
+            self._token_text[token] = self.tokenizer.decode([token])
         return self._token_text[token]
 
     def generate(self, prompt: str | list, gen: GenerationConfig | None = None, *, chat: bool = False,
