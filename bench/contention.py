@@ -24,10 +24,9 @@ from teegpu.config import ServerConfig
 from teegpu.model.loading import load_weights
 from teegpu.model.tokenizer import load_tokenizer
 from teegpu.protocol import WIRE_DTYPES
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine, trusted_threads
 from teegpu.tee.linears import LocalLinears
-from teegpu.transport import private_endpoint
 
 
 def _busy(stop) -> None:

@@ -15,9 +15,8 @@ import tempfile
 from pathlib import Path
 
 from teegpu.config import ServerConfig
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig
-from teegpu.transport import private_endpoint
 
 
 def measure(tokens: int, repeats: int, model: str | None) -> dict:

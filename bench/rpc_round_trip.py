@@ -17,8 +17,8 @@ import torch
 
 from teegpu.protocol import Hello, Op
 from teegpu.config import ServerConfig
-from teegpu.server_process import ServerProcess
-from teegpu.transport import RpcClient, private_endpoint
+from teegpu.server_process import ServerProcess, private_endpoint
+from teegpu.transport import RpcClient
 
 
 def measure(calls: int, transport: str, model: str | None, data_plane: str = "socket", rows_per_call: int = 1,

@@ -62,8 +62,7 @@ def run_split(model: str, mode: str, prefill: int, tokens: int, device: str, thr
     from teegpu.tee.engine import Engine
 
     from teegpu.config import ServerConfig
-    from teegpu.server_process import ServerProcess
-    from teegpu.transport import private_endpoint
+    from teegpu.server_process import ServerProcess, private_endpoint
 
     t0 = time.monotonic()
     pad_server, extra, server = None, {}, None

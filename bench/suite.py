@@ -42,10 +42,9 @@ from teegpu.model.reference import transformers_model
 from teegpu.options import OPENMP_WAIT_POLICY, rpcs_per_forward
 from teegpu.protocol import WIRE_DTYPES, Op
 from teegpu.config import ServerConfig
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine, trusted_threads
 from teegpu.tee.linears import LocalLinears
-from teegpu.transport import private_endpoint
 
 TEXT = Path(__file__).with_name("sample_text.txt")
 ROWS = ("prefill_{n}_ms", "decode_ms_per_token", "server_ms_per_token", "transfer_ms_per_token",

@@ -22,6 +22,12 @@ DEFAULT_SPIN_MAX_US = 2_000  # longest a side polls the doorbell before it sleep
 OPENMP_WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
+def under_gramine() -> bool:
+    """True inside a Gramine enclave: our manifest sets TEEGPU_GRAMINE=1, and Gramine itself
+    provides /dev/attestation (gramine-sgx and gramine-direct alike)."""
+    return os.environ.get("TEEGPU_GRAMINE") == "1" or os.path.exists("/dev/attestation/attestation_type")
+
+
 def let_idle_workers_sleep() -> None:
     """Ask OpenMP to put a parallel region's idle workers to sleep at once (OMP_WAIT_POLICY=PASSIVE)
     unless the user chose a policy. The two sides of the split take turns on the same cores, and

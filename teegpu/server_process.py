@@ -3,15 +3,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from teegpu.errors import ServerUnavailable
-from teegpu.config import ServerConfig
+from teegpu.config import EngineConfig, ServerConfig
 
 READY_PREFIX = "teegpu server ready on "
+
+
+def private_endpoint() -> str:
+    """A fresh ipc:// path only this user can reach, for a server we spawn."""
+    path = os.path.join(tempfile.gettempdir(), f"teegpu-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    return f"ipc://{path}"
+
+
+def private_server(config: EngineConfig) -> ServerProcess | None:
+    """The GPU server a trusted process starts for itself (neither --server nor --local), or None.
+    Started before the caller loads (the `teegpu` command: before it imports torch), so that
+    both load at once."""
+    if config.local or config.server is not None:
+        return None
+    return ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(), device=config.device,
+                                      dtype=config.dtype, privacy=config.privacy))
 
 
 class ServerProcess:

@@ -11,9 +11,8 @@ from teegpu.model.loading import load_weights, resolve_model_path
 from teegpu.model.tokenizer import load_tokenizer, transformers_tokenizer
 from teegpu.model.reference import transformers_model, with_parameters_in
 from teegpu.config import ServerConfig
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine
-from teegpu.transport import private_endpoint
 
 TRANSPORTS = {"tcp": lambda: "tcp://127.0.0.1:*", "ipc": private_endpoint}
 # how a test names a variant: the endpoint's transport, or "shm" (ipc for the header, /dev/shm for tensors)

@@ -16,8 +16,7 @@ import torch
 from teegpu.config import ServerConfig
 from teegpu.model.loading import load_weights
 from teegpu.model.products import packs_bfloat16
-from teegpu.server_process import ServerProcess
-from teegpu.transport import private_endpoint
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.server.linear_server import LinearServer
 from teegpu.tee.engine import Engine, EngineConfig, GenerationConfig

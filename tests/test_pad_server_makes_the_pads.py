@@ -11,11 +11,11 @@ from rewriting_proxy import RewritingProxy
 from teegpu.config import ServerConfig
 from teegpu.errors import IntegrityError, ServerError
 from teegpu.protocol import PAD_KEY_FRAME, ErrorCode, Op, TensorDesc, decode_header, encode_header, tensor_frame
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine, GenerationConfig
 from teegpu.tee.mask_pool import ServerPads
 from teegpu.tee.scheduler import Scheduler, SchedulerConfig
-from teegpu.transport import RpcClient, private_endpoint
+from teegpu.transport import RpcClient
 
 PROMPT = "The capital of France is"
 GEN = GenerationConfig(max_new_tokens=8, stop_at_eos=False)

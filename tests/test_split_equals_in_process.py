@@ -11,9 +11,8 @@ from teegpu.model.llama import Segment, rope_inv_freq, rope_tables
 from teegpu.options import DTYPES
 from teegpu.protocol import WIRE_DTYPES
 from teegpu.tee.engine import Engine
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.linears import LocalLinears
-from teegpu.transport import private_endpoint
 
 PROMPT = "Explain why the sky is blue."
 DECODE_STEPS = 4

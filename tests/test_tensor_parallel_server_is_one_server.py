@@ -18,10 +18,9 @@ from teegpu.errors import ServerError, ServerUnavailable
 from teegpu.model.config import ModelConfig
 from teegpu.model.weights import column_slice
 from teegpu.protocol import PAD_KEY_FRAME, Hello, Op
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_endpoint
 from teegpu.tee.engine import Engine
 from teegpu.telemetry.memory import peak_rss
-from teegpu.transport import private_endpoint
 from teegpu.transport.rpc_client import RpcClient
 
 PROMPT = "Explain why the sky is blue."

@@ -35,6 +35,7 @@ from teegpu.attested_tls import ATTESTATION_NONE, EVIDENCE_PATH
 from teegpu.config import ApiConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from teegpu.errors import IntegrityError
 from teegpu.model.loading import resolve_model_path
+from teegpu.server_process import ServerProcess
 from teegpu.tee.attestation import AttestedIdentity, model_sha256, quote_provider
 from teegpu.tee.engine import Engine
 from teegpu.tee.scheduler import Event, Scheduler, Sequence
@@ -48,9 +49,10 @@ class Service:
 
     def __init__(self, api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
                  identity: AttestedIdentity | None = None, evidence: dict | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, server: ServerProcess | None = None):
+        """`server`: the private GPU server, started already (Engine.open's `server`)."""
         self.api, self.engine_config, self.scheduler_config = api, engine_config, scheduler_config
-        self.speculative = speculative
+        self.speculative, self.server = speculative, server
         self.attestation = identity.attestation if identity is not None else ATTESTATION_NONE
         self.evidence = evidence or {"attestation": ATTESTATION_NONE, "quote": None, "certificate": None,
                                      "privacy": engine_config.privacy, "pads": engine_config.pads,
@@ -67,7 +69,7 @@ class Service:
 
     def load(self) -> None:
         try:
-            self.engine = Engine.open(self.engine_config)
+            self.engine = Engine.open(self.engine_config, server=self.server)
             self.scheduler = Scheduler(self.engine, self.scheduler_config, self.speculative)
             self.scheduler.on_step = self._observe_step
             threading.Thread(target=self.scheduler.run, args=(self.stop,), name="scheduler", daemon=True).start()
@@ -436,9 +438,10 @@ KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health
 
 
 def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: SchedulerConfig,
-            provider=None, speculative: SpeculativeConfig | None = None) -> None:
+            provider=None, speculative: SpeculativeConfig | None = None, server: ServerProcess | None = None) -> None:
     """Serve until SIGINT/SIGTERM; raise the engine's error if it could not start. `provider`
-    (an object with `name` and `quote(report_data) -> bytes`) replaces --attestation's choice."""
+    (an object with `name` and `quote(report_data) -> bytes`) replaces --attestation's choice;
+    `server`: the private GPU server, started already."""
     # otp: pads for the rows of two full decode steps stay ready (a prefill chunk may stall once)
     rows = max(engine_config.mask_pool_rows, 2 * scheduler_config.max_batch)
     identity, evidence, tls = None, None, {}
@@ -446,7 +449,7 @@ def run_api(api: ApiConfig, engine_config: EngineConfig, scheduler_config: Sched
         identity, evidence = attested_identity(api, engine_config, provider)
         tls = dict(zip(("ssl_certfile", "ssl_keyfile"), identity.tls_files()))
     service = Service(api, dataclasses.replace(engine_config, mask_pool_rows=rows), scheduler_config, identity,
-                      evidence, speculative)
+                      evidence, speculative, server)
     server = uvicorn.Server(uvicorn.Config(create_app(service), host=api.host, port=api.port, log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=5, **tls))
     threading.Thread(target=_load_and_announce, args=(service, server), name="loader", daemon=True).start()

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
+from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, SpeculativeConfig
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
 from teegpu.model.products import kernels
@@ -21,13 +21,13 @@ from teegpu.model.tokenizer import ChatTokenizer, load_tokenizer
 from teegpu.model.weights import ModelWeights
 from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
-from teegpu.server_process import ServerProcess
+from teegpu.server_process import ServerProcess, private_server
 from teegpu.tee.accounting import GenerationClock
 from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
 from teegpu.tee.linears import LocalLinears, handshake, open_linears
 from teegpu.tee.prefix_cache import PrefixCache
 from teegpu.tee.text_stream import TextStream
-from teegpu.transport import ClientCurve, RpcClient, private_endpoint
+from teegpu.transport import ClientCurve, RpcClient
 from teegpu.transport.endpoint import parse_endpoint, same_host_reason
 from teegpu.transport.shm_region import DEFAULT_BYTES as DEFAULT_SHM_BYTES
 
@@ -82,19 +82,17 @@ class Engine:
         self._token_text: dict[int, str] = {}
 
     @classmethod
-    def open(cls, config: EngineConfig, warm_up: bool = False) -> "Engine":
+    def open(cls, config: EngineConfig, warm_up: bool = False, server: ServerProcess | None = None) -> "Engine":
         """Load the model on the trusted side and connect to (or start) the GPU server; with
-        `warm_up`, end with `Engine.warm_up` (counted in load_s, not in the first prompt)."""
+        `warm_up`, end with `Engine.warm_up` (counted in load_s, not in the first prompt).
+        `server`: the private server `private_server(config)` started already (the engine owns it)."""
         start = time.monotonic()
         if config.server is None and not config.local and under_gramine():
             raise ConfigError("inside Gramine the GPU server runs on the host: start `teegpu serve` there and "
                               "pass --server tcp://HOST:PORT")
         if config.model_sha256 is not None:
             verify_model_sha256(config.model, config.model_sha256)
-        proc = None
-        if not config.local and config.server is None:  # start it first: it loads while we do
-            proc = ServerProcess(ServerConfig(model=config.model, endpoint=private_endpoint(),
-                                              device=config.device, dtype=config.dtype, privacy=config.privacy))
+        proc = server or private_server(config)  # first: it loads while we do
         engine = None
         try:
             weights, tokenizer = load_weights(config.model), load_tokenizer(config.model)

@@ -1,15 +1,8 @@
 """Knowing when the trusted side runs inside Gramine, where some transports cannot reach the host."""
 from __future__ import annotations
 
-import os
-
 from teegpu.errors import ConfigError
-
-
-def under_gramine() -> bool:
-    """True inside a Gramine enclave: our manifest sets TEEGPU_GRAMINE=1, and Gramine itself
-    provides /dev/attestation (gramine-sgx and gramine-direct alike)."""
-    return os.environ.get("TEEGPU_GRAMINE") == "1" or os.path.exists("/dev/attestation/attestation_type")
+from teegpu.options import under_gramine
 
 
 def check_endpoint_reachable(url: str) -> None:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import tempfile
 from dataclasses import dataclass
 
 from teegpu.errors import ConfigError
@@ -26,12 +24,6 @@ def parse_endpoint(url: str) -> Endpoint:
         if not colon or not host or not (port == "*" or port.isdigit()):
             raise ConfigError(f"endpoint {url!r}: tcp needs HOST:PORT")
     return Endpoint(url, scheme)
-
-
-def private_endpoint() -> str:
-    """A fresh ipc:// path only this user can reach, for a server we spawn."""
-    path = os.path.join(tempfile.gettempdir(), f"teegpu-{os.getpid()}-{secrets.token_hex(4)}.sock")
-    return f"ipc://{path}"
 
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
