@@ -1,5 +1,6 @@
 """The trusted side's tokenizer (tokenizers + jinja, no transformers at run time) gives the ids,
 texts and chat renderings transformers gives for the same model."""
+import os
 import subprocess
 import sys
 
@@ -90,10 +91,14 @@ def test_a_hugging_face_directory_gives_the_same_ids(smollm2, tiny_model_dir):
     assert load_tokenizer(str(tiny_model_dir)).encode(TEXTS[4]) == smollm2[1].encode(TEXTS[4])
 
 
-def test_a_cached_tokenizer_loads_without_transformers(smollm2):
-    """What makes every trusted process start about 1.5 s sooner."""
+def test_the_first_load_converts_and_later_loads_need_no_transformers(smollm2, tmp_path):
+    """A fresh cache: the first process converts with transformers; the next reads the cache
+    without importing it (what makes every trusted process start about 1.5 s sooner)."""
     code = ("import sys; from teegpu.model.tokenizer import load_tokenizer; tok = load_tokenizer(None); "
             "print(tok.encode_chat([{'role': 'user', 'content': 'hi'}])); print('transformers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[0] == str(smollm2[1].encode_chat([{"role": "user", "content": "hi"}]))
-    assert out[1] == "False"
+    env = {**os.environ, "TEEGPU_CACHE_DIR": str(tmp_path)}
+    want = str(smollm2[1].encode_chat([{"role": "user", "content": "hi"}]))
+    for converts in (True, False):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        assert done.stdout.split("\n")[:2] == [want, str(converts)]
+        assert ("converting the tokenizer" in done.stderr) == converts

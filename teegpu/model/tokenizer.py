@@ -153,7 +153,9 @@ def load_tokenizer(model: str | os.PathLike | None) -> ChatTokenizer:
     if not (folder / CHAT_FILE).is_file():
         log(f"first load: converting the tokenizer of {path.name} (cached in {folder} for next time)")
         folder.mkdir(parents=True, exist_ok=True)
-        for name, text in converted_tokenizer(transformers_tokenizer(path)).files().items():
+        tok = transformers_tokenizer(path)
+        tok.save_pretrained(folder)  # transformers' own files too, for `transformers_tokenizer` to read back
+        for name, text in converted_tokenizer(tok).files().items():
             atomic_write(folder / name, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return ChatTokenizer.load(folder)
 
@@ -171,12 +173,16 @@ def tokenizer_cache_dir(path: Path) -> Path:
 
 def transformers_tokenizer(path: Path):
     """transformers' tokenizer of a GGUF file or HF directory (the converter; the trusted side
-    runs a ChatTokenizer)."""
+    runs a ChatTokenizer). A GGUF file's is read back from the cache once `load_tokenizer` has
+    converted it (converting takes seconds)."""
     from transformers import AutoTokenizer
 
+    cached = None if path.is_dir() else tokenizer_cache_dir(path)
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(path)
+        if (cached / CHAT_FILE).is_file():
+            return AutoTokenizer.from_pretrained(cached)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # transformers raises many types for missing/broken files
         raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e
