@@ -103,14 +103,18 @@ def early_server(config: EngineConfig):
 def run_generate(args) -> int:
     config, gen = from_args(EngineConfig, args), from_args(GenerationConfig, args)
     server = early_server(config)
-    from teegpu.tee.engine import Engine
+    try:
+        from teegpu.tee.engine import Engine
 
-    on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-    with Engine.open(config, warm_up=True, server=server) as engine:
-        result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text,
-                                 speculative=from_args(SpeculativeConfig, args))
-        if not args.json:
-            print(flush=True)  # end the streamed line before the server's exit message
+        on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+        with Engine.open(config, warm_up=True, server=server) as engine:
+            result = engine.generate(args.prompt, gen, chat=args.chat, on_text=on_text,
+                                     speculative=from_args(SpeculativeConfig, args))
+            if not args.json:
+                print(flush=True)  # end the streamed line before the server's exit message
+    finally:  # the engine stops it too; this covers failures before the engine has it
+        if server is not None:
+            server.stop()
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -1,8 +1,8 @@
 """The trusted side's tokenizer: Hugging Face `tokenizers` and the model's jinja chat template.
 
-transformers converts a model's tokenizer once (`loading.load_tokenizer` caches what it made:
-the live `tokenizers` state, the chat template and the special tokens); every later start reads
-those two files here, without importing transformers (about 1.5 s a process). The template
+transformers converts a model's tokenizer once (`load_tokenizer` caches what it made: the live
+`tokenizers` state, the chat template and the special tokens); every later start reads those
+two files, without importing transformers (about 1.5 s a process). The template
 renders as transformers renders it (`apply_chat_template`): the same sandboxed jinja
 environment, options, globals and context, then the text is encoded without special tokens;
 tests/test_tokenizer_matches_transformers.py holds the two to the same ids.
