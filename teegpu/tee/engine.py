@@ -74,8 +74,8 @@ class Engine:
         eos = tokenizer.eos_token_id
         self.stop_ids = set(stop_ids or ()) | ({eos} if eos is not None else set())
         self.load_s = 0.0
-        self.threads: int | None = None  # torch threads of steps of THREADED_ROWS rows or more (set by open
-        # with a server; smaller steps then take one); None: torch's setting is left alone
+        self.threads: int | None = None  # torch threads of steps of THREADED_ROWS rows or more (set by open;
+        # smaller steps then take one); None: torch's setting is left alone
         self.trusted = trusted_weights(weights, dtype)
         self.rope_freq_factors = weights.read("rope_freq_factors") if weights.has("rope_freq_factors") else None
         self.rope = RopeTables(torch.empty(0), torch.empty(0))  # grown by new_cache as positions are needed
@@ -119,8 +119,12 @@ class Engine:
             dtype = WIRE_DTYPES[config.dtype]
             if config.privacy == "otp":  # the integer products in float32 activations, as the split runs them
                 dtype = torch.float32
-            return cls(weights, tokenizer, LocalLinears(weights, dtype, config.privacy), dtype=dtype,
-                       offload_attention=config.offload_attention, stop_ids=stop_ids)
+            engine = cls(weights, tokenizer, LocalLinears(weights, dtype, config.privacy), dtype=dtype,
+                         offload_attention=config.offload_attention, stop_ids=stop_ids)
+            # decode steps on one thread, as the split's trusted side runs them (products still take
+            # product_threads): OpenMP workers left spinning here take a busy host's other core
+            engine.threads = torch.get_num_threads()
+            return engine
         curve = ClientCurve(config.curve_secret, config.curve_server_key) if config.curve_secret else None
         engine = cls.connect(weights, tokenizer, config.server or proc.wait_ready(), config.timeout_ms,
                              data_plane=config.data_plane, control_plane=config.control_plane,
