@@ -6,6 +6,7 @@ the command's own (a prompt, output format) are listed in COMMAND_FLAGS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -91,19 +92,25 @@ def run_serve(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def early_server(config: EngineConfig):
     """The private GPU server, started before this process imports torch: it loads while we do
     (about 2 s sooner ready on an AMD EPYC family 25). None with --server, --local or in Gramine
-    (where Engine.open says why)."""
+    (where Engine.open says why). The engine stops it too; leaving the block covers failures
+    before the engine has it."""
     from teegpu.server_process import private_server
 
-    return None if under_gramine() else private_server(config)
+    server = None if under_gramine() else private_server(config)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def run_generate(args) -> int:
     config, gen = from_args(EngineConfig, args), from_args(GenerationConfig, args)
-    server = early_server(config)
-    try:
+    with early_server(config) as server:
         from teegpu.tee.engine import Engine
 
         on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -112,9 +119,6 @@ def run_generate(args) -> int:
                                      speculative=from_args(SpeculativeConfig, args))
             if not args.json:
                 print(flush=True)  # end the streamed line before the server's exit message
-    finally:  # the engine stops it too; this covers failures before the engine has it
-        if server is not None:
-            server.stop()
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -135,15 +139,11 @@ def print_summary(result) -> None:
 
 def run_api(args) -> int:
     config = from_args(EngineConfig, args)
-    server = early_server(config)
-    try:
+    with early_server(config) as server:
         from teegpu.api.app import run_api as run
 
         run(from_args(ApiConfig, args), config, from_args(SchedulerConfig, args),
             speculative=from_args(SpeculativeConfig, args), server=server)
-    finally:  # the engine stops it too; this covers failures before the engine has it
-        if server is not None:
-            server.stop()
     return 0
 
 

@@ -177,10 +177,10 @@ def transformers_tokenizer(path: Path):
     converted it (converting takes seconds)."""
     from transformers import AutoTokenizer
 
-    cached = None if path.is_dir() else tokenizer_cache_dir(path)
     try:
         if path.is_dir():
             return AutoTokenizer.from_pretrained(path)
+        cached = tokenizer_cache_dir(path)
         if (cached / CHAT_FILE).is_file():
             return AutoTokenizer.from_pretrained(cached)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
