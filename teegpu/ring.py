@@ -43,6 +43,7 @@ TINY = torch.finfo(torch.float32).tiny  # the least scale: an all-zero row quant
 MAX_D_IN = 1 << 16  # of a weight: keeps honest results below 2^46 (and int32 accumulation exact)
 MAX_INNER = 1 << 16  # of any ring product: keeps int32 accumulation exact
 WIDE_BLOCK = 1 << 18  # float64 weight entries converted at a time by the float64 kernel (2 MB: cached)
+PASS_BYTES = 1 << 23  # a ring product's digits and partial sums per pass of rows (at least one row's): kept
 _BYTE_SUM = int.from_bytes(b"\x01" * 8, "little")  # sum of 2^(8i), i < 8
 _WORD_SUM = int.from_bytes(b"\x01\x00" * 4, "little")  # sum of 2^(16i), i < 4
 
@@ -154,8 +155,11 @@ def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None)
     written into `out` when given (on the weight's device), a pass of rows at a time."""
     if out is None:
         out = torch.empty(x.shape[0], w.d_out, dtype=torch.int64, device=w.rows.device)
-    # rows per pass: partial sums of at most 32 MB (int8: 16 int64 a value) or 8 MB (float64: 4, kept by the thread)
-    chunk = max(1, (1 << 22) // (16 * w.d_out))
+    # rows per pass: a pass's digits and partial sums take at most PASS_BYTES (one row's at least), kept by
+    # the thread. A row's: int8, 8 bytes of digits a value in, 16 int32 and 16 int64 a value out;
+    # float64, 4 float64 a value in and a value out
+    row_bytes = 8 * w.d_in + 192 * w.d_out if w.kernel == "int8" else 32 * (w.d_in + w.d_out)
+    chunk = max(1, PASS_BYTES // row_bytes)
     for i in range(0, x.shape[0], chunk):
         _ring_rows(x[i:i + chunk], w, out[i:i + chunk])
     return out
@@ -164,17 +168,21 @@ def ring_matmul(x: torch.Tensor, w: RingWeight, out: torch.Tensor | None = None)
 def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
     if w.kernel != "int8":
         return _ring_rows_wide(x, w, out)
-    t = x.shape[0]
+    t, rows = x.shape[0], 8 * x.shape[0]
     # byte b of each value as the signed digit b - 128: flipping the top bit and reading it as int8
-    digits = (x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1) ^ 0x80).view(torch.int8)
-    digits = digits.reshape(8 * t, -1)
-    rows = digits.shape[0]
+    digits = _scratch_buffer("int8-digits", rows * w.d_in, torch.uint8).view(8, t, w.d_in)
+    torch.bitwise_xor(x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1), 0x80, out=digits)
+    digits = digits.view(torch.int8).view(rows, w.d_in)
     if w.halves.is_cuda:
         digits = digits.to(w.halves.device)
         if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
             digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
-    partial = torch._int_mm(digits, w.halves)[:rows].view(8, t, 2, w.d_out).to(torch.int64)
-    torch.sum(partial.mul_(w.place), dim=(0, 2), out=out)
+        partial = torch._int_mm(digits, w.halves)[:rows].to(torch.int64)
+    else:
+        sums = torch._int_mm(digits, w.halves, out=_scratch_buffer("int8-sums", rows * 2 * w.d_out, torch.int32)
+                             .view(rows, 2 * w.d_out))
+        partial = _scratch_buffer("int8-partial", sums.numel(), torch.int64).view(sums.shape).copy_(sums)
+    torch.sum(partial.view(8, t, 2, w.d_out).mul_(w.place), dim=(0, 2), out=out)
     out += w.correction
 
 
@@ -182,11 +190,12 @@ def _ring_rows_wide(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
     """The float64 kernel: 16-bit word i of each value as the signed digit word - 32768, times
     the weight converted to float64 a block of its rows at a time (2 bytes a parameter held)."""
     t = x.shape[0]
-    digits = (x.contiguous().view(torch.int16).view(t, -1, 4).permute(2, 0, 1) ^ -32768).reshape(4 * t, -1)
-    digits = digits.to(torch.float64)
+    digits = _scratch_buffer("float64-digits", 4 * t * w.d_in, torch.float64).view(4, t, w.d_in)
+    digits.copy_(x.contiguous().view(torch.int16).view(t, -1, 4).permute(2, 0, 1) ^ -32768)
+    digits = digits.view(4 * t, w.d_in)
     step = max(1, WIDE_BLOCK // w.d_in)
-    block = _wide_scratch("block", min(step, w.d_out) * w.d_in).view(-1, w.d_in)
-    partial = _wide_scratch("partial", 4 * t * w.d_out).view(4 * t, w.d_out)
+    block = _scratch_buffer("float64-block", min(step, w.d_out) * w.d_in, torch.float64).view(-1, w.d_in)
+    partial = _scratch_buffer("float64-partial", 4 * t * w.d_out, torch.float64).view(4 * t, w.d_out)
     for i in range(0, w.d_out, step):
         rows = block[:min(step, w.d_out - i)].copy_(w.rows[i:i + step])
         torch.mm(digits, rows.t(), out=partial[:, i:i + step])
@@ -198,14 +207,17 @@ def _ring_rows_wide(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
 _scratch = threading.local()
 
 
-def _wide_scratch(name: str, numel: int) -> torch.Tensor:
-    """This thread's float64 buffer `name` of at least WIDE_BLOCK entries (more if asked), kept for
-    the thread's life: a fresh buffer of 1 MB or more is a fresh mapping (the mmap threshold is
-    fixed at 1 MB: tensor_files), and its page faults took as long as the product of one row (275
-    against 130 ms a SmolLM2 pass)."""
+def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's buffer `name` of at least `numel` entries, kept for the thread's life: a fresh
+    buffer of 1 MB or more is a fresh mapping (the mmap threshold is fixed at 1 MB: tensor_files),
+    and its page faults took as long as the product of one row (float64 kernel: 275 against 130 ms
+    a SmolLM2 pass; int8 kernel: 2300 faults for one row of the LM head). A normal tensor, not an
+    inference tensor: one thread multiplies both inside inference mode (a forward) and outside it
+    (an otp engine's first mask-pool fill)."""
     buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, WIDE_BLOCK), dtype=torch.float64)
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype)
         setattr(_scratch, name, buf)
     return buf[:numel]
 
