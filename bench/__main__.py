@@ -5,7 +5,8 @@ faults (bench/soak.py); `python -m bench seed`: the seed's 1B workload (bench/se
 `python -m bench chat`: multi-turn chat with and without the prefix cache (bench/chat.py);
 `python -m bench speculative`: decoding with and without prompt-lookup speculation (bench/speculative.py);
 `python -m bench proxy`: chat straight to the attested API and through `teegpu proxy` (bench/proxy.py);
-`python -m bench tensor-parallel`: per-RPC cost of a 2-rank server against one (bench/tensor_parallel.py)."""
+`python -m bench tensor-parallel`: per-RPC cost of a 2-rank server against one (bench/tensor_parallel.py);
+`python -m bench ring`: the otp mode's exact ring products per kernel (bench/ring.py)."""
 import sys
 
 from teegpu.options import let_idle_workers_sleep
@@ -38,6 +39,10 @@ elif sys.argv[1:2] == ["tensor-parallel"]:
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["proxy"]:
     from bench.proxy import main
+
+    main(sys.argv[2:])
+elif sys.argv[1:2] == ["ring"]:
+    from bench.ring import main
 
     main(sys.argv[2:])
 elif sys.argv[1:2] == ["soak"]:

@@ -128,3 +128,16 @@ def test_proxy_bench_compares_direct_and_proxied_chat(tiny_model_dir):
     row = res["levels"][2]
     assert row["direct_ttft_ms"] > 0 and row["ratio_total"] == row["proxy_total_ms"] / row["direct_total_ms"]
     assert "TTFT proxy ms" in proxy.format_table(res)
+
+
+def test_ring_bench_runs_every_kernel_the_host_has(tiny_model_dir):
+    from bench import ring
+    from teegpu.model.products import ring_kernel
+
+    res = ring.measure(rows=[1, 3], repeats=2, model=str(tiny_model_dir))
+    assert list(res["kernels"]) == ["float64"] + (["int8"] if ring_kernel() == "int8" else [])
+    for by_rows in res["kernels"].values():
+        assert list(by_rows) == [1, 3]
+        assert all(r["pass_ms"] > r["lm_head_ms"] > 0 and r["faults_per_pass"] >= 0
+                   for r in by_rows.values())
+    assert "| float64 | 3 |" in ring.format_table(res)
