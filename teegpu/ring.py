@@ -170,15 +170,15 @@ def _ring_rows(x: torch.Tensor, w: RingWeight, out: torch.Tensor) -> None:
         return _ring_rows_wide(x, w, out)
     t, rows = x.shape[0], 8 * x.shape[0]
     # byte b of each value as the signed digit b - 128: flipping the top bit and reading it as int8
-    digits = _scratch_buffer("int8-digits", rows * w.d_in, torch.uint8).view(8, t, w.d_in)
-    torch.bitwise_xor(x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1), 0x80, out=digits)
-    digits = digits.view(torch.int8).view(rows, w.d_in)
-    if w.halves.is_cuda:
-        digits = digits.to(w.halves.device)
+    value_bytes = x.contiguous().view(torch.uint8).view(t, -1, 8).permute(2, 0, 1)
+    if w.halves.is_cuda:  # x on the GPU or on the CPU; the device's allocator keeps its own blocks
+        digits = (value_bytes.to(w.halves.device) ^ 0x80).view(torch.int8).reshape(rows, w.d_in)
         if rows <= 16:  # cuda's int8 GEMM wants more than 16 rows
             digits = torch.cat([digits, digits.new_zeros(17 - rows, digits.shape[1])])
         partial = torch._int_mm(digits, w.halves)[:rows].to(torch.int64)
     else:
+        digits = _scratch_buffer("int8-digits", rows * w.d_in, torch.uint8).view(8, t, w.d_in)
+        digits = torch.bitwise_xor(value_bytes, 0x80, out=digits).view(torch.int8).view(rows, w.d_in)
         sums = torch._int_mm(digits, w.halves, out=_scratch_buffer("int8-sums", rows * 2 * w.d_out, torch.int32)
                              .view(rows, 2 * w.d_out))
         partial = _scratch_buffer("int8-partial", sums.numel(), torch.int64).view(sums.shape).copy_(sums)
