@@ -19,11 +19,11 @@ from teegpu.model.products import kernels
 from teegpu.model.loading import load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.tokenizer import ChatTokenizer, load_tokenizer
 from teegpu.model.weights import ModelWeights
-from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep
+from teegpu.options import DEFAULT_MASK_POOL_ROWS, DEFAULT_TIMEOUT_MS, idle_workers_sleep, under_gramine
 from teegpu.protocol import WIRE_DTYPES, Hello, Op
 from teegpu.server_process import ServerProcess, private_server
 from teegpu.tee.accounting import GenerationClock
-from teegpu.tee.gramine import check_endpoint_reachable, under_gramine
+from teegpu.tee.gramine import check_endpoint_reachable
 from teegpu.tee.linears import LocalLinears, handshake, open_linears
 from teegpu.tee.prefix_cache import PrefixCache
 from teegpu.tee.text_stream import TextStream
