@@ -37,6 +37,7 @@ from tqdm import tqdm
 from bench import monolithic_env
 
 from teegpu.model.loading import load_weights
+from teegpu.model.products import threads_per_core
 from teegpu.model.tokenizer import load_tokenizer
 from teegpu.model.reference import transformers_model
 from teegpu.options import OPENMP_WAIT_POLICY, rpcs_per_forward
@@ -357,7 +358,8 @@ def measure(model=None, tokens: int = 128, prefill=(128, 512), repeats: int = 3,
     cfg = weights.config
     return {
         "model": str(model or "SmolLM2-135M-Instruct (default)"), "tokens": tokens, "prefill": prefill,
-        "repeats": repeats, "cores": CORES, "transfer_bytes": transfer_bytes, "torch": torch.__version__,
+        "repeats": repeats, "cores": CORES, "threads_per_core": threads_per_core(), "transfer_bytes": transfer_bytes,
+        "torch": torch.__version__,
         "trusted_threads": trusted_threads(), "wait_policy": os.environ.get(OPENMP_WAIT_POLICY, "default"),
         "expected_rpcs_per_token": rpcs_per_forward(cfg.num_layers),
         "columns": {c.name: {k: {"min": min(v), "median": statistics.median(v), "samples": v}
@@ -466,8 +468,8 @@ def main(argv=None) -> None:
         print(json.dumps(res))
         return
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
-    print(f"`{command}`: {res['cores']} cores, split: {res['trusted_threads']} trusted threads, OpenMP wait "
-          f"policy {res['wait_policy']}, "
+    print(f"`{command}`: {res['cores']} cores (hardware threads per core: {res['threads_per_core']}), "
+          f"split: {res['trusted_threads']} trusted threads, OpenMP wait policy {res['wait_policy']}, "
           f"torch {res['torch']}, {res['repeats']} repeats, cells median (min), **ratio** to hf of the same dtype\n")
     print(format_table(res))
     print()

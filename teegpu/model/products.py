@@ -185,7 +185,7 @@ def host_choices() -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             choices = json.loads(path.read_text())
-            if {"threaded_macs", "onednn_macs"} <= choices.keys():
+            if {"threaded_macs", "onednn_macs", "poll_slowdown"} <= choices.keys():
                 return choices
         except (OSError, ValueError, AttributeError):
             pass
@@ -198,7 +198,7 @@ def threads_file() -> tuple[Path, list]:
     """Where host_choices keeps this host's measurements, and what names the host."""
     from teegpu.model.loading import cache_root
 
-    host = [_cpu_model(), CORES, torch.__version__, cpu_isa()]
+    host = [_cpu_model(), CORES, torch.__version__, cpu_isa(), threads_per_core()]
     return cache_root() / f"threads-{hashlib.sha256(json.dumps(host).encode()).hexdigest()[:16]}.json", host
 
 
@@ -221,7 +221,8 @@ def _measure_host(cores: int) -> dict:
     than on one (hosts whose cores each draw little memory bandwidth); else THREADED_MACS (waking
     a sleeping worker costs more than a second core saves: 40 us on an AMD EPYC). onednn_macs: 0
     where oneDNN runs those products (one and two rows, on the threads they get) at least
-    ONEDNN_GAIN times faster than torch.mm, else ONEDNN_MACS."""
+    ONEDNN_GAIN times faster than torch.mm, else ONEDNN_MACS. poll_slowdown: the one-row products'
+    time beside a poller on an SMT sibling over their time alone (1.0 without SMT siblings)."""
     weights = [torch.full((1536, 576), 0.5) for _ in range(32)]  # 113 MB: more than a last-level cache
 
     def pass_s(threads: int, rows: int, product) -> float:
@@ -242,14 +243,72 @@ def _measure_host(cores: int) -> dict:
         if cores > 1 and best_s(cores, 1, mkl) * 1.25 <= best_s(1, 1, mkl):
             threaded = 0
         threads = cores if threaded == 0 else 1
-        onednn = ONEDNN_MACS
+        onednn, chosen = ONEDNN_MACS, mkl
         if _ONEDNN is not None:
             dnnl = lambda x, w: _ONEDNN(x, w, None, "none", [], "")  # noqa: E731
             if sum(best_s(threads, r, dnnl) for r in (1, 2)) * ONEDNN_GAIN <= sum(best_s(threads, r, mkl) for r in (1, 2)):
-                onednn = 0
+                onednn, chosen = 0, dnnl
+        pair = next(iter(smt_siblings()), None)
+        slowdown = 1.0 if pair is None else _slowdown_beside_a_poller(pair[:2], lambda: best_s(1, 1, chosen))
     finally:
         torch.set_num_threads(cores)
-    return {"threaded_macs": threaded, "onednn_macs": onednn}
+    return {"threaded_macs": threaded, "onednn_macs": onednn, "poll_slowdown": round(slowdown, 3)}
+
+
+# a polling side's loop, as the doorbell's (a look at a word, then sched_yield), in a process of its own
+_POLLER = ("import os, sys; os.sched_setaffinity(0, {%d}); word = memoryview(bytearray(8)).cast('Q'); "
+           "print('polling', flush=True)\nwhile word[0] == 0: os.sched_yield()")
+
+
+def _slowdown_beside_a_poller(pair: tuple[int, int], product_s) -> float:
+    """How much slower `product_s()` (seconds of a decode step's one-thread products) runs on CPU
+    pair[0] while a process polls on pair[1], its SMT sibling: the two share one core's execution
+    units, so a poller there takes from the products, where on a core of its own it takes nothing.
+    The better of two timings each way: one slow moment of a shared host must not decide."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {pair[0]})
+    try:
+        alone = min(product_s(), product_s())
+        poller = subprocess.Popen([sys.executable, "-c", _POLLER % pair[1]], stdout=subprocess.PIPE, text=True)
+        try:
+            poller.stdout.readline()
+            beside = min(product_s(), product_s())
+        finally:
+            poller.kill()
+            poller.wait()
+        return max(1.0, beside / alone)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def smt_siblings(root: str = "/sys/devices/system/cpu", cpus: set[int] | None = None) -> list[tuple[int, ...]]:
+    """The groups of this process's CPUs (`cpus`: its affinity) that are SMT siblings, hardware
+    threads of one physical core, from Linux's topology files (none where they cannot be read)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    cores: dict[str, list[int]] = {}
+    for cpu in sorted(cpus):
+        try:
+            siblings = Path(root, f"cpu{cpu}", "topology", "thread_siblings_list").read_text().strip()
+        except OSError:
+            continue
+        cores.setdefault(siblings, []).append(cpu)
+    return [tuple(group) for group in cores.values() if len(group) > 1]
+
+
+def threads_per_core() -> int:
+    """Hardware threads per physical core among this process's CPUs (1 without SMT)."""
+    return max((len(group) for group in smt_siblings()), default=1)
+
+
+@functools.cache
+def poll_slowdown() -> float:
+    """How much a one-thread decode product slows while another process polls on its core's SMT
+    sibling (1.0 where no two of our CPUs share a core): a client whose reply should come within
+    microseconds polls only while that costs the server's products less than a futex wake-up
+    (rpc_client). Measured once per host with threaded_macs; TEEGPU_POLL_SLOWDOWN chooses instead."""
+    if os.environ.get("TEEGPU_POLL_SLOWDOWN"):
+        return float(os.environ["TEEGPU_POLL_SLOWDOWN"])
+    return host_choices()["poll_slowdown"]
 
 
 def _cpu_model() -> str:
@@ -273,6 +332,8 @@ class Kernels:
     isa: str
     threaded_macs: int  # products this large run on every core (product_threads)
     onednn_macs: int  # float32 products this large run on oneDNN, smaller ones on torch.mm
+    threads_per_core: int  # SMT: hardware threads per physical core among this process's CPUs
+    poll_slowdown: float  # a decode product's time beside a poller on its SMT sibling, over its time alone
     float32_small: str
     float32_large: str
     bfloat16: str
@@ -304,6 +365,7 @@ def kernels() -> Kernels:
         runs["int8"] = lambda: torch.mm(xd, wd)
         fallback["int8"] = "float64-words:mkl" if torch.backends.mkl.is_available() else "float64-words"
     return Kernels(isa=isa, threaded_macs=threaded_macs(), onednn_macs=onednn_macs(),
+                   threads_per_core=threads_per_core(), poll_slowdown=poll_slowdown(),
                    **{name: _implementation(run, fallback.get(name, "aten")) for name, run in runs.items()})
 
 

@@ -15,7 +15,7 @@ import torch
 from teegpu.config import EngineConfig, GenerationConfig, SchedulerConfig, SpeculativeConfig
 from teegpu.errors import ConfigError, ContextLengthError
 from teegpu.model.llama import KVCache, Linears, RopeTables, Segment, TrustedWeights, forward, rope_tables
-from teegpu.model.products import kernels
+from teegpu.model.products import kernels, poll_slowdown
 from teegpu.model.loading import load_weights, resolve_model_path, verify_model_sha256
 from teegpu.model.tokenizer import ChatTokenizer, load_tokenizer
 from teegpu.model.weights import ModelWeights
@@ -149,7 +149,7 @@ class Engine:
         `shm_bytes`: the size of the shared region on the shm data plane."""
         check_endpoint_reachable(endpoint)
         client = RpcClient(endpoint, timeout_ms, data_plane=data_plane, curve=curve, control_plane=control_plane,
-                           shm_bytes=shm_bytes)
+                           shm_bytes=shm_bytes, poll_slowdown=poll_slowdown())
         pad_client = None
         try:
             if pad_server:

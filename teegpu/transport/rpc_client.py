@@ -41,6 +41,7 @@ MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep at o
 FUTEX_SLICE_S = 0.02  # a client asleep on the futex looks at its socket (a lost server) at least this often
 FUTEX_MISSES = 3  # waits that ran out with the reply there: wake-ups do not reach us, sleep on the socket
 NAP_STEPS = 32  # after its nap, a long request looks for its reply every this fraction of its recent wait
+FUTEX_WAKE_NS = 10_000  # a wake-up through the reply word's futex: 9 us a round trip (docs/architecture.md)
 MAX_PLANS = 256  # request kinds (and reply layouts) remembered per region
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: pyzmq's flag enums cost microseconds
 
@@ -98,10 +99,11 @@ class _Request:
 class RpcClient:
     def __init__(self, endpoint: str | list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS,
                  context: zmq.Context | None = None, data_plane: str = "socket", shm_bytes: int = DEFAULT_BYTES,
-                 curve: ClientCurve | None = None, control_plane: str = "doorbell"):
+                 curve: ClientCurve | None = None, control_plane: str = "doorbell", poll_slowdown: float = 1.0):
         """`endpoint`: one server, or a pool (a list, or comma-separated): one is used at a time,
         the next when it stops answering; `on_connect(hello)` (set by the engine) checks each
-        server the client connects to before any request is sent again."""
+        server the client connects to before any request is sent again. `poll_slowdown`: how much
+        our polling slows a same-host server's products (products.poll_slowdown: SMT siblings)."""
         if timeout_ms <= 0:
             raise ConfigError(f"timeout_ms must be positive, got {timeout_ms}")
         if data_plane not in DATA_PLANES:
@@ -112,6 +114,7 @@ class RpcClient:
         self.doorbell = False  # the server polls our region's doorbell (said in its ATTACH_SHM reply)
         self.spin_ns: dict[tuple, float] = {}  # per (op, request bytes): how long to poll for a reply
         self.cpu_wait = CpuWait()  # on oversubscribed cores: no polling, sleep (on the futex, else the socket)
+        self.poll_slowdown = poll_slowdown
         self.futex_misses = 0  # futex waits the server's wake-up did not end (FUTEX_MISSES: sockets only)
         self.endpoints = [parse_endpoint(e.strip()) for e in
                           (endpoint.split(",") if isinstance(endpoint, str) else endpoint)]
@@ -321,11 +324,12 @@ class RpcClient:
         """A request through the doorbell: post it in the region, wake the server over the socket
         only if it sleeps, then look for the reply for a window adapted to requests of this op and
         size (`_poll`), then sleep: on the futex of the reply word (`_wait`), else on the socket.
-        Requests that took over MAX_NAP_NS / 2, and every request while other processes keep the
-        cores busy (`CpuWait`), sleep at once. Returns (path, reply frames, sent ns, reply ready ns)."""
+        Requests that took over MAX_NAP_NS / 2, those whose polling would cost the server more than
+        a wake-up (`_polling_costs`), and every request while other processes keep the cores busy
+        (`CpuWait`), sleep at once. Returns (path, reply frames, sent ns, reply ready ns)."""
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
         window = self.spin_ns.get(kind, MIN_SPIN_NS)
-        awake = window <= MAX_NAP_NS and not self.cpu_wait.contended()
+        awake = window <= MAX_NAP_NS and not self._polling_costs(window) and not self.cpu_wait.contended()
         sleeper = WAITING if self.futex_misses < FUTEX_MISSES and bell.reply_address else ASLEEP
         bell.set_client(AWAKE if awake else sleeper)
         seq = bell.post(request.frames[0])
@@ -348,6 +352,12 @@ class RpcClient:
         frames, ready = self._receive(request.rid, op, deadline)
         self._learn(kind, sent)
         return path + "-slept", frames, sent, ready
+
+    def _polling_costs(self, window: float) -> bool:
+        """Whether spinning through this window (for a reply expected in about half of it) would slow
+        the server's products, on our SMT sibling, by more than a futex wake-up costs. Long requests
+        nap instead of spinning (`_poll`), which takes little from a sibling."""
+        return window <= MAX_SPIN_NS and (self.poll_slowdown - 1) * window / 2 > FUTEX_WAKE_NS
 
     def _poll(self, bell, seq: int, rid: int, window: float) -> list | None:
         """Look for the reply (and every SOCKET_EVERY looks at the socket, where errors, replies too
