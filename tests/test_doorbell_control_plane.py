@@ -21,7 +21,7 @@ from teegpu.protocol import WIRE_DTYPES, Op
 from teegpu.server.linear_server import LinearServer
 from teegpu.server_process import ServerProcess
 from teegpu.transport import RpcClient, ServerSocket, rpc_client
-from teegpu.transport.doorbell import ASLEEP
+from teegpu.transport.doorbell import ASLEEP, futex_wake
 from teegpu.transport.rpc_client import FUTEX_MISSES
 
 HIDDEN = 64
@@ -97,6 +97,23 @@ def sleeping_client(url: str, monkeypatch, timeout_ms: int = 5_000) -> RpcClient
     client = RpcClient(url, timeout_ms, data_plane="shm")
     monkeypatch.setattr(client.cpu_wait, "contended", lambda: True)
     return client
+
+
+def test_a_stale_wake_up_puts_a_waiting_client_back_to_sleep(tiny_server, monkeypatch):
+    """A wake-up that finds no reply (the server's wake for the previous reply, which the client saw
+    before the wake came) must not send the client to its socket: it sleeps on the futex again."""
+    with sleeping_client(tiny_server.endpoint, monkeypatch) as client:
+        x = torch.randn(2, HIDDEN)
+        want, _ = product(client, x)
+        os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # the reply comes only after the stale wake-up
+        stale = threading.Timer(0.05, futex_wake, (client.shm.doorbell.reply_address,))
+        resume = threading.Timer(0.3, os.kill, (tiny_server.proc.pid, signal.SIGCONT))
+        stale.start()
+        resume.start()
+        got, path = product(client, x)
+        stale.join()
+        resume.join()
+        assert path.endswith("-waited") and torch.equal(got, want), path
 
 
 def test_an_error_reply_wakes_a_waiting_client(tiny_server, monkeypatch):

@@ -264,10 +264,11 @@ def _slowdown_beside_a_poller(pair: tuple[int, int], product_s) -> float:
     """How much slower `product_s()` (seconds of a decode step's one-thread products) runs on CPU
     pair[0] while a process polls on pair[1], its SMT sibling: the two share one core's execution
     units, so a poller there takes from the products, where on a core of its own it takes nothing.
-    The better of two timings each way: one slow moment of a shared host must not decide."""
+    The better of two timings each way: one slow moment of a shared host must not decide. 1.0 (as
+    without siblings) where the CPUs cannot be chosen or no poller can start."""
     saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {pair[0]})
     try:
+        os.sched_setaffinity(0, {pair[0]})
         alone = min(product_s(), product_s())
         poller = subprocess.Popen([sys.executable, "-c", _POLLER % pair[1]], stdout=subprocess.PIPE, text=True)
         try:
@@ -277,6 +278,8 @@ def _slowdown_beside_a_poller(pair: tuple[int, int], product_s) -> float:
             poller.kill()
             poller.wait()
         return max(1.0, beside / alone)
+    except (OSError, subprocess.SubprocessError):
+        return 1.0
     finally:
         os.sched_setaffinity(0, saved)
 

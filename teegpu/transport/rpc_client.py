@@ -39,6 +39,7 @@ TRIES = 3  # a request's deadline is shared by up to this many tries (more when 
 MIN_SPIN_NS, MAX_SPIN_NS = 30_000, 2_000_000  # bounds of the window a client polls for its reply
 MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep at once (on the futex, else the socket)
 FUTEX_SLICE_S = 0.02  # a client asleep on the futex looks at its socket (a lost server) at least this often
+NEWS_SLICE_S = 0.001  # after a wake-up that brought no news, it looks again this soon (news may be on its way)
 FUTEX_MISSES = 3  # waits that ran out with the reply there: wake-ups do not reach us, sleep on the socket
 NAP_STEPS = 32  # after its nap, a long request looks for its reply every this fraction of its recent wait
 FUTEX_WAKE_NS = 10_000  # a wake-up through the reply word's futex: 9 us a round trip (docs/architecture.md)
@@ -390,10 +391,12 @@ class RpcClient:
         """Sleep on the futex of the reply word (WAITING) until the reply: (its frames, the time it
         was seen). The server wakes us after it writes the reply, and after it sends us anything on
         the socket (an error, a reply too large for the region); the socket is looked at after each
-        wake-up and every FUTEX_SLICE_S (a lost server). None when the connection is lost, the
-        deadline passes, or a wake-up finds no news: the caller sleeps on the socket then. A wait that
-        runs out of time with the reply already there means wake-ups do not reach this process
-        (inside an enclave the futex is the LibOS's own): after FUTEX_MISSES, sockets only."""
+        wake-up and every FUTEX_SLICE_S (a lost server). A wake-up that finds no news (one meant for
+        the previous reply, which we saw before it came, or news still on its way through the socket)
+        sleeps again, looking at the socket within NEWS_SLICE_S. None when the connection is lost or
+        the deadline passes: the caller sleeps on the socket then. A full slice that runs out with the
+        reply already there means wake-ups do not reach this process (inside an enclave the futex is
+        the LibOS's own): after FUTEX_MISSES, sockets only."""
         woken = False
         while True:
             if bell.replied(seq):
@@ -405,13 +408,14 @@ class RpcClient:
                     return reply, time.perf_counter_ns()
                 continue
             left = deadline - time.monotonic()
-            if woken or lost or left <= 0 or self.futex_misses >= FUTEX_MISSES:
+            if lost or left <= 0 or self.futex_misses >= FUTEX_MISSES:
                 return None
-            error = bell.wait_reply(seq, min(FUTEX_SLICE_S, left))
+            slice_s = NEWS_SLICE_S if woken else FUTEX_SLICE_S
+            error = bell.wait_reply(seq, min(slice_s, left))
             woken = error == 0
             if woken and bell.replied(seq):
                 self.futex_misses = 0
-            elif error == errno.ETIMEDOUT and bell.replied(seq):  # the reply came, its wake-up did not
+            elif error == errno.ETIMEDOUT and slice_s == FUTEX_SLICE_S and bell.replied(seq):  # no wake-up came
                 self._futex_missed(error, self.futex_misses + 1)
             elif error not in (0, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):  # no shared futexes here
                 self._futex_missed(error, FUTEX_MISSES)
