@@ -3,6 +3,7 @@ ZeroMQ messages. Results are exact on every path (doorbell, ring of a sleeping s
 to a sleeping client, socket control plane), the sleep/wake race is closed, a dead peer is
 noticed, a client waiting for a long product naps, and an idle server costs no CPU."""
 import errno
+import math
 import os
 import signal
 import subprocess
@@ -83,7 +84,7 @@ def test_a_sleeping_client_is_woken_by_the_reply(tiny_server, sleeps_on):
     with RpcClient(tiny_server.endpoint, 5_000, data_plane="shm") as client:
         want, _ = product(client, x)
         if sleeps_on == "socket":
-            client.futex_misses = FUTEX_MISSES
+            client.futex_misses, client.futex_retry_at = FUTEX_MISSES, math.inf
         os.kill(tiny_server.proc.pid, signal.SIGSTOP)  # the server stalls longer than the window...
         timer = threading.Timer(0.2, os.kill, (tiny_server.proc.pid, signal.SIGCONT))
         timer.start()
@@ -154,6 +155,39 @@ def test_wake_ups_that_never_come_send_the_client_to_its_socket(tiny_server, mon
             paths.append(path)
     assert paths[-1].endswith("-slept") and client.futex_misses == FUTEX_MISSES, paths
     assert "futex wake-ups do not reach this process" in capfd.readouterr().err
+
+
+def test_wake_ups_that_were_only_late_get_the_futex_back(tiny_model_dir, monkeypatch, capfd):
+    """Missed wake-ups may also be late ones (a server descheduled between its reply and its wake-up
+    on a loaded host): after FUTEX_RETRY_S on its socket the client tries the futex again, keeps it
+    when the wake-ups come, and goes back to its socket (without saying so again) when they do not.
+    A server 5 ms slow, so that every reply comes while the client sleeps."""
+    monkeypatch.setattr(rpc_client, "FUTEX_SLICE_S", 0.01)
+    monkeypatch.setattr(rpc_client, "FUTEX_RETRY_S", 0.3)
+    sock, stop, thread = serve_in_thread(
+        SlowServer(load_weights(str(tiny_model_dir)), torch.device("cpu"), WIRE_DTYPES["float32"]))
+    x = torch.randn(2, HIDDEN)
+    try:
+        with sleeping_client(sock.bound_url, monkeypatch) as client:
+            want, _ = product(client, x)
+            bell = client.shm.doorbell
+            bell.wait_reply = lambda seq, s: (time.sleep(s), errno.ETIMEDOUT)[1]  # wake-ups stop reaching us
+            for _ in range(FUTEX_MISSES):
+                product(client, x)
+            assert client.futex_misses == FUTEX_MISSES
+            assert product(client, x)[1].endswith("-slept")  # on the socket for FUTEX_RETRY_S
+            time.sleep(0.35)
+            product(client, x)  # one more try, missed: back to the socket
+            assert client.futex_misses == FUTEX_MISSES and product(client, x)[1].endswith("-slept")
+            del bell.wait_reply  # the kernel's futex again: wake-ups reach us
+            time.sleep(0.35)
+            got, path = product(client, x)
+            assert path.endswith("-waited") and client.futex_misses == 0 and torch.equal(got, want), path
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+    assert capfd.readouterr().err.count("futex wake-ups do not reach this process") == 1
 
 
 class DrowsyServer(LinearServer):

@@ -41,6 +41,7 @@ MAX_NAP_NS = 40_000_000  # requests that waited longer than half this sleep at o
 FUTEX_SLICE_S = 0.02  # a client asleep on the futex looks at its socket (a lost server) at least this often
 NEWS_SLICE_S = 0.001  # after a wake-up that brought no news, it looks again this soon (news may be on its way)
 FUTEX_MISSES = 3  # waits that ran out with the reply there: wake-ups do not reach us, sleep on the socket
+FUTEX_RETRY_S = 10.0  # ...for this long, then try the futex again (late wake-ups on a loaded host recover)
 NAP_STEPS = 32  # after its nap, a long request looks for its reply every this fraction of its recent wait
 FUTEX_WAKE_NS = 10_000  # a wake-up through the reply word's futex: 9 us a round trip (docs/architecture.md)
 MAX_PLANS = 256  # request kinds (and reply layouts) remembered per region
@@ -117,6 +118,8 @@ class RpcClient:
         self.cpu_wait = CpuWait()  # on oversubscribed cores: no polling, sleep (on the futex, else the socket)
         self.poll_slowdown = poll_slowdown
         self.futex_misses = 0  # futex waits the server's wake-up did not end (FUTEX_MISSES: sockets only)
+        self.futex_retry_at = 0.0  # time.monotonic() after which a client at FUTEX_MISSES tries the futex again
+        self.futex_said = False  # that wake-ups do not reach us (said once)
         self.endpoints = [parse_endpoint(e.strip()) for e in
                           (endpoint.split(",") if isinstance(endpoint, str) else endpoint)]
         self._current = 0
@@ -331,7 +334,7 @@ class RpcClient:
         bell, path, kind = self.shm.doorbell, "doorbell", (op, request.request_end)
         window = self.spin_ns.get(kind, MIN_SPIN_NS)
         awake = window <= MAX_NAP_NS and not self._polling_costs(window) and not self.cpu_wait.contended()
-        sleeper = WAITING if self.futex_misses < FUTEX_MISSES and bell.reply_address else ASLEEP
+        sleeper = WAITING if self._futex_usable() and bell.reply_address else ASLEEP
         bell.set_client(AWAKE if awake else sleeper)
         seq = bell.post(request.frames[0])
         if not bell.server_awake():
@@ -420,12 +423,24 @@ class RpcClient:
             elif error not in (0, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):  # no shared futexes here
                 self._futex_missed(error, FUTEX_MISSES)
 
+    def _futex_usable(self) -> bool:
+        """Whether to sleep on the reply word's futex: not after FUTEX_MISSES missed wake-ups, until
+        FUTEX_RETRY_S later, when one more miss sends us back to the socket. Inside an enclave, where
+        wake-ups never come, a retry costs one FUTEX_SLICE_S; on a host so loaded that the server's
+        wake-ups came late, the futex comes back."""
+        if self.futex_misses >= FUTEX_MISSES and time.monotonic() >= self.futex_retry_at:
+            self.futex_misses = FUTEX_MISSES - 1
+        return self.futex_misses < FUTEX_MISSES
+
     def _futex_missed(self, error: int, misses: int) -> None:
-        """Futex waits that went wrong, now `misses`; at FUTEX_MISSES, sockets from now on (said once)."""
+        """Futex waits that went wrong, now `misses`; at FUTEX_MISSES, sockets for FUTEX_RETRY_S (said once)."""
         self.futex_misses = misses
         if misses >= FUTEX_MISSES:
-            print(f"teegpu: the server's futex wake-ups do not reach this process ({os.strerror(error)}); "
-                  "sleeping on the socket instead", file=sys.stderr, flush=True)
+            self.futex_retry_at = time.monotonic() + FUTEX_RETRY_S
+            if not self.futex_said:
+                self.futex_said = True
+                print(f"teegpu: the server's futex wake-ups do not reach this process ({os.strerror(error)}); "
+                      "sleeping on the socket instead", file=sys.stderr, flush=True)
 
     def _learn(self, kind: tuple, sent_ns: int) -> int:
         """Adapt the polling window of requests of this kind to twice their recent wait; the time now."""
