@@ -34,6 +34,12 @@ def test_siblings_come_from_the_topology_of_our_own_cpus(tmp_path):
     assert products.smt_siblings(fake_topology(tmp_path / "b", {0: "0-1", 1: "0-1"}), {0, 1}) == [(0, 1)]
 
 
+def test_an_os_without_cpu_affinity_has_no_siblings(monkeypatch):
+    """Not Linux (macOS has no sched_getaffinity): no siblings, one thread per core, nothing measured."""
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert products.smt_siblings() == [] and products.threads_per_core() == 1
+
+
 def test_this_hosts_report_matches_its_topology():
     report = products.kernels()
     assert report.threads_per_core == max((len(g) for g in products.smt_siblings()), default=1)

@@ -286,8 +286,12 @@ def _slowdown_beside_a_poller(pair: tuple[int, int], product_s) -> float:
 
 def smt_siblings(root: str = "/sys/devices/system/cpu", cpus: set[int] | None = None) -> list[tuple[int, ...]]:
     """The groups of this process's CPUs (`cpus`: its affinity) that are SMT siblings, hardware
-    threads of one physical core, from Linux's topology files (none where they cannot be read)."""
-    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    threads of one physical core, from Linux's topology files (none where they cannot be read, nor
+    where the OS has no CPU affinity: not Linux)."""
+    if cpus is None:
+        if not hasattr(os, "sched_getaffinity"):
+            return []
+        cpus = os.sched_getaffinity(0)
     cores: dict[str, list[int]] = {}
     for cpu in sorted(cpus):
         try:
